@@ -1,0 +1,97 @@
+"""`moelora <command> [hydra overrides]`: dispatch to the Hydra application of that command.
+
+Each command is an ordinary Hydra app, so overrides, `-m` sweeps, `--help`, `--cfg job` and
+`hydra.run.dir=...` all work as in any Hydra program.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from moelora.config import register_configs
+from moelora.errors import UserError
+from moelora.paths import CONFIG_DIR
+
+USAGE = """usage: moelora <command> [overrides...]
+
+commands:
+  train    fine-tune with a method on a data mixture, then evaluate  (configs/train.yaml)
+  eval     score a run, a base model, or a predictions file          (configs/eval.yaml)
+  export   write a PEFT LoRA adapter or a merged model for one task  (configs/export.yaml)
+
+examples:
+  moelora train +experiment=demo
+  moelora train +experiment=demo method=moelora trainer.lr=1e-3
+  moelora train -m +experiment=demo method=lora,moelora
+  moelora eval run_dir=outputs/2026-11-23/10-00-00
+  moelora train --help            (config groups and the composed config)
+"""
+
+
+def _run_train(cfg: DictConfig) -> None:
+    from moelora.train.loop import train
+
+    train(cfg)
+
+
+def _run_eval(cfg: DictConfig) -> None:
+    from moelora.evaluate.run import evaluate_command
+
+    evaluate_command(cfg)
+
+
+def _run_export(cfg: DictConfig) -> None:
+    from moelora.export import export_command
+
+    export_command(cfg)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], None]] = {
+    "train": _run_train,
+    "eval": _run_eval,
+    "export": _run_export,
+}
+
+
+def _hydra_app(command: str) -> Callable[[], None]:
+    """Wrap one command as a Hydra app whose user errors print one line instead of a traceback."""
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        try:
+            COMMANDS[command](cfg)
+        except UserError as err:
+            print(f"moelora {command}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return app
+
+
+def _translate(command: str, overrides: list[str]) -> list[str]:
+    """`run_dir=X` on `train` also moves Hydra's output dir there, so resuming is one override."""
+    if command != "train":
+        return overrides
+    extra = [f"hydra.run.dir={o.split('=', 1)[1]}" for o in overrides if o.startswith("run_dir=")]
+    return overrides + extra
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"moelora: unknown command '{command}'.\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    register_configs()
+    sys.argv = [f"moelora-{command}", *_translate(command, overrides)]
+    _hydra_app(command)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Typed schemas for every config group, registered with Hydra so that a misspelt key or a wrong
+type fails at start with the key's name, before any model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from moelora.adapters.config import AdapterConfig
+from moelora.paths import DATA_DIR
+
+
+@dataclass
+class TinyModelConfig:
+    """A small decoder-only transformer built from a transformers config (random weights)."""
+
+    architecture: str = "llama"  # llama | qwen2
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    seed: int = 0
+    # Full-parameter warm-up of the random base on plain text, so adapters start from a model that
+    # already "reads" the language (as with a real pretrained LLM). Cached; 0 disables it.
+    pretrain_steps: int = 0
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 32
+    pretrain_files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # "tiny" builds `tiny` below; anything else is a local folder or a hub id for from_pretrained.
+    name_or_path: str = MISSING
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class MixtureConfig:
+    """How task datasets are mixed into one training stream (see moelora.data.mixture)."""
+
+    strategy: str = "proportional"  # proportional | uniform | temperature | weights
+    temperature: float = 1.0
+    weights: dict[str, float] = field(default_factory=dict)
+    max_per_task: int | None = None
+    min_per_task: int | None = None
+    epoch_size: int | None = None  # rows drawn per epoch; default: the sum of the task sizes
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    train_files: list[str] = field(default_factory=lambda: ["train.jsonl"])
+    eval_files: list[str] = field(default_factory=lambda: ["dev.jsonl"])
+    tasks: list[str] | None = None  # train on these tasks only (default: all in the files)
+    eval_tasks: list[str] | None = None  # score these tasks only (default: all)
+    max_eval_samples_per_task: int | None = None
+    max_source_length: int = 256
+    max_target_length: int = 64
+    # truncate_input: cut the input's start, drop (and count) rows whose target alone is too long;
+    # drop: drop (and count) every row over a limit; error: stop at the first such row.
+    length_policy: str = "truncate_input"
+    template: str = "auto"  # auto (chat template if the tokenizer has one) | chat | plain
+    system_prompt: str | None = None
+    domains: dict[str, str] = field(default_factory=dict)  # task -> domain (default: task_type)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    cpu: bool = False  # force CPU even where a GPU is present
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    num_processes: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 42
+    max_steps: int = 100
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # eval loss every N steps (0: only at the end)
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest checkpoint in run_dir
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # score the dev set after training
+    before: bool = True  # also score the untouched base model (the "before" row)
+    batch_size: int = 32
+    max_new_tokens: int | None = None  # default: data.max_target_length
+
+
+@dataclass
+class TrainConfig:
+    method: AdapterConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class EvalRunConfig:
+    """`moelora eval`: score a training run, a base model, or a predictions file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str | None = None  # a training run to re-score (its config and adapter are used)
+    predictions: str | None = None  # a JSONL of {sample_id, prediction} to score without a model
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+def register_configs() -> None:
+    """Register the schemas that train.yaml/eval.yaml name first in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalRunConfig)
+    if not OmegaConf.has_resolver("moelora_data"):
+        OmegaConf.register_new_resolver("moelora_data", lambda sub="": str(DATA_DIR / sub))
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The fully resolved config as plain Python, for saving in the run directory."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

@@ -1,0 +1,163 @@
+"""Turn rows into token ids: the prompt through the tokenizer's chat template (or a plain one),
+loss on the answer only, and a length policy that never silently cuts an answer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from statistics import mean
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from moelora.config import DataConfig
+from moelora.data.tasks import TaskRegistry
+from moelora.errors import UserError
+
+IGNORE = -100
+POLICIES = ("truncate_input", "drop", "error")
+
+
+@dataclass
+class LengthReport:
+    """What the length policy did, per task, for the start-of-run summary."""
+
+    kept: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+    prompt_tokens: dict[str, list[int]] = field(default_factory=dict)
+    target_tokens: dict[str, list[int]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"{'task':<16}{'rows':>7}{'dropped':>8}{'cut':>6}{'prompt avg/max':>16}"
+               f"{'target avg/max':>16}"]
+        for task in sorted(self.kept | self.dropped):
+            p, t = self.prompt_tokens.get(task, [0]), self.target_tokens.get(task, [0])
+            out.append(
+                f"{task:<16}{self.kept[task]:>7}{self.dropped[task]:>8}{self.truncated[task]:>6}"
+                f"{mean(p):>11.0f}/{max(p):<4}{mean(t):>11.0f}/{max(t):<4}"
+            )
+        return out
+
+
+class PromptFormatter:
+    """Builds prompt and answer token ids for one row."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
+        if cfg.template not in {"auto", "chat", "plain"}:
+            raise UserError(f"data.template='{cfg.template}' is unknown; use auto, chat or plain.")
+        if cfg.length_policy not in POLICIES:
+            raise UserError(f"data.length_policy='{cfg.length_policy}' is unknown; use {POLICIES}.")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if cfg.template == "chat" and not has_template:
+            raise UserError("data.template=chat, but the tokenizer has no chat template; use plain.")
+        self.use_chat = cfg.template == "chat" or (cfg.template == "auto" and has_template)
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def prompt_ids(self, text: str) -> list[int]:
+        if not self.use_chat:
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        messages = [{"role": "user", "content": text}]
+        if self.cfg.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        prompt = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def answer_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id]
+
+    def fit_prompt(self, text: str) -> tuple[list[int], bool]:
+        """The prompt's ids, cutting the input's start when it is too long (the instruction and
+        question sit at the end of PromptCBLUE inputs). Returns (ids, was_cut)."""
+        ids = self.prompt_ids(text)
+        limit = self.cfg.max_source_length
+        if len(ids) <= limit or self.cfg.length_policy != "truncate_input":
+            return ids, False
+        text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        overhead = len(ids) - len(text_ids)
+        keep = max(limit - overhead, 1)
+        ids = self.prompt_ids(self.tokenizer.decode(text_ids[-keep:]))
+        return ids[-limit:] if len(ids) > limit else ids, True
+
+
+def tokenize_split(
+    rows: Dataset,
+    formatter: PromptFormatter,
+    registry: TaskRegistry,
+    split: str,
+    with_answer: bool,
+) -> tuple[Dataset, LengthReport]:
+    """Token ids, labels and task/domain ids per row; rows over the length limits follow the
+    policy. `with_answer=False` keeps rows whose answer is too long (eval scores the text)."""
+    cfg, report = formatter.cfg, LengthReport()
+    keep: list[int] = []
+    features: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_ids")}
+    features |= {"task_ids": [], "domain_ids": []}
+    for index, row in enumerate(rows):
+        task = row["task_dataset"]
+        task_id, domain_id = registry.task_id(task), registry.domain_id(task)
+        prompt, cut = formatter.fit_prompt(row["input"])
+        answer = formatter.answer_ids(row["target"])
+        too_long = len(prompt) > cfg.max_source_length or (
+            with_answer and len(answer) > cfg.max_target_length
+        )
+        if too_long:
+            if cfg.length_policy == "error":
+                raise UserError(
+                    f"row {index + 1} of the {split} set (sample_id {row['sample_id']}, task "
+                    f"{task}) has {len(prompt)} prompt / {len(answer)} answer tokens, over "
+                    f"data.max_source_length={cfg.max_source_length} / data.max_target_length="
+                    f"{cfg.max_target_length}; raise the limit or set data.length_policy=drop."
+                )
+            report.dropped[task] += 1
+            continue
+        report.kept[task] += 1
+        report.truncated[task] += int(cut)
+        report.prompt_tokens.setdefault(task, []).append(len(prompt))
+        report.target_tokens.setdefault(task, []).append(len(answer))
+        keep.append(index)
+        features["input_ids"].append(prompt + answer)
+        features["labels"].append([IGNORE] * len(prompt) + answer)
+        features["prompt_ids"].append(prompt)
+        features["task_ids"].append(task_id)
+        features["domain_ids"].append(domain_id)
+    if not keep:
+        raise UserError(
+            f"every row of the {split} set is over the length limits; raise "
+            f"data.max_source_length / data.max_target_length."
+        )
+    kept_rows = rows.select(keep)
+    for name, values in features.items():
+        kept_rows = kept_rows.add_column(name, values)
+    return kept_rows, report
+
+
+def pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    padded = [
+        ([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
+        for s in sequences
+    ]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+class TrainCollator:
+    """Right-padded input ids, labels (-100 on prompt and padding) and task/domain ids."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [r["input_ids"] for r in rows]
+        return {
+            "input_ids": pad(ids, self.pad_id, left=False),
+            "attention_mask": pad([[1] * len(s) for s in ids], 0, left=False),
+            "labels": pad([r["labels"] for r in rows], IGNORE, left=False),
+            "task_ids": torch.tensor([r["task_ids"] for r in rows], dtype=torch.long),
+            "domain_ids": torch.tensor([r["domain_ids"] for r in rows], dtype=torch.long),
+        }

@@ -1,0 +1,97 @@
+"""Mix task datasets into one training stream: each epoch draws a fresh, seeded sample whose
+per-task counts follow the chosen strategy (proportional, uniform, temperature, explicit weights),
+after per-task caps and minimums."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from moelora.config import MixtureConfig
+from moelora.errors import UserError
+
+STRATEGIES = ("proportional", "uniform", "temperature", "weights")
+
+
+def task_probabilities(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, float]:
+    """p_t per task: proportional to the (capped/raised) size n_t, uniform, n_t^(1/T), or w_t."""
+    if cfg.strategy not in STRATEGIES:
+        raise UserError(
+            f"data.mixture.strategy='{cfg.strategy}' is unknown; use one of {STRATEGIES}."
+        )
+    n = {t: float(_effective_size(s, cfg)) for t, s in sizes.items()}
+    if cfg.strategy == "proportional":
+        raw = n
+    elif cfg.strategy == "uniform":
+        raw = dict.fromkeys(n, 1.0)
+    elif cfg.strategy == "temperature":
+        if cfg.temperature <= 0:
+            raise UserError("data.mixture.temperature must be > 0 (1 = proportional).")
+        raw = {t: v ** (1.0 / cfg.temperature) for t, v in n.items()}
+    else:
+        missing = sorted(set(n) - set(cfg.weights))
+        if missing:
+            raise UserError(
+                f"data.mixture.weights has no weight for {missing}; give every training task one."
+            )
+        raw = {t: float(cfg.weights[t]) for t in n}
+    total = sum(raw.values())
+    if total <= 0:
+        raise UserError("data.mixture gives every task zero weight; give some task a weight > 0.")
+    return {t: v / total for t, v in raw.items()}
+
+
+def _effective_size(size: int, cfg: MixtureConfig) -> int:
+    if cfg.max_per_task is not None:
+        size = min(size, cfg.max_per_task)
+    if cfg.min_per_task is not None:
+        size = max(size, cfg.min_per_task)
+    return size
+
+
+def task_counts(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
+    """Rows per task in one epoch: p_t times the epoch size, rounded by largest remainder so the
+    counts add up exactly, then held to the per-task cap and minimum."""
+    probs = task_probabilities(sizes, cfg)
+    total = cfg.epoch_size or sum(_effective_size(s, cfg) for s in sizes.values())
+    exact = {t: p * total for t, p in probs.items()}
+    counts = {t: int(v) for t, v in exact.items()}
+    by_remainder = sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)
+    for t in by_remainder[: total - sum(counts.values())]:
+        counts[t] += 1
+    return {t: _effective_size(c, cfg) if c else c for t, c in counts.items()}
+
+
+class MixtureSampler(Sampler[int]):
+    """Row indices of one epoch: `count_t` rows of each task (without replacement while the task
+    has rows left, then again from a fresh permutation), shuffled together; `set_epoch` redraws."""
+
+    def __init__(self, task_of_row: Sequence[str], cfg: MixtureConfig, seed: int) -> None:
+        self.rows_of: dict[str, list[int]] = {}
+        for index, task in enumerate(task_of_row):
+            self.rows_of.setdefault(task, []).append(index)
+        if not self.rows_of:
+            raise UserError("the training set is empty after filtering; check data.tasks.")
+        self.counts = task_counts({t: len(r) for t, r in self.rows_of.items()}, cfg)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        picked: list[int] = []
+        for task in sorted(self.rows_of):
+            rows, need = self.rows_of[task], self.counts[task]
+            while need > 0:
+                order = torch.randperm(len(rows), generator=generator)[:need].tolist()
+                picked += [rows[i] for i in order]
+                need -= len(order)
+        shuffle = torch.randperm(len(picked), generator=generator).tolist()
+        return iter([picked[i] for i in shuffle])

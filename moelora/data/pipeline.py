@@ -1,0 +1,59 @@
+"""From the data config to tokenized train and eval sets plus the task registry: everything that
+can fail on bad data runs here, before the model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from moelora.config import DataConfig
+from moelora.data.formatting import LengthReport, PromptFormatter, tokenize_split
+from moelora.data.reader import load_split
+from moelora.data.tasks import TaskRegistry
+
+
+@dataclass
+class PreparedData:
+    registry: TaskRegistry
+    train: Dataset | None
+    eval: Dataset
+    reports: dict[str, LengthReport]
+
+
+def _first_per_task(rows: Dataset, limit: int | None) -> Dataset:
+    if limit is None:
+        return rows
+    seen: dict[str, int] = {}
+    keep = []
+    for index, task in enumerate(rows["task_dataset"]):
+        seen[task] = seen.get(task, 0) + 1
+        if seen[task] <= limit:
+            keep.append(index)
+    return rows.select(keep)
+
+
+def read_eval_rows(cfg: DataConfig) -> Dataset:
+    rows = load_split(cfg.root, cfg.eval_files, "data.eval_files", cfg.eval_tasks)
+    return _first_per_task(rows, cfg.max_eval_samples_per_task)
+
+
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    registry: TaskRegistry | None = None,
+) -> PreparedData:
+    """Read, validate and tokenize. Without a registry (training) it is built from the training
+    rows; with one (re-scoring a run) the training files are not read."""
+    formatter = PromptFormatter(tokenizer, cfg)
+    reports: dict[str, LengthReport] = {}
+    train = None
+    if registry is None:
+        rows = load_split(cfg.root, cfg.train_files, "data.train_files", cfg.tasks)
+        types = dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
+        registry = TaskRegistry.build(types, cfg.domains)
+        train, reports["train"] = tokenize_split(rows, formatter, registry, "train", True)
+    eval_rows = read_eval_rows(cfg)
+    evaluation, reports["eval"] = tokenize_split(eval_rows, formatter, registry, "eval", False)
+    return PreparedData(registry, train, evaluation, reports)

@@ -1,0 +1,96 @@
+"""Read PromptCBLUE-format JSON Lines with `datasets` and stop at the first bad row with its file
+and line, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+from datasets import Dataset
+
+from moelora.errors import UserError
+
+REQUIRED = ("input", "target", "task_dataset")
+COLUMNS = (*REQUIRED, "answer_choices", "task_type", "sample_id")
+
+
+def resolve_files(root: str, files: list[str], key: str) -> list[Path]:
+    """`root`-relative files (or folders of *.json/*.jsonl), each of which must exist."""
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(
+            f"data.root='{root}' is not a folder; point data.root at the folder that holds {files}."
+        )
+    paths: list[Path] = []
+    for name in files:
+        path = base / name
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix in {".json", ".jsonl"})
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UserError(f"{key} names '{name}', but {path} does not exist; fix {key}.")
+    if not paths:
+        raise UserError(f"{key} matched no .json/.jsonl files under {root}.")
+    return paths
+
+
+def _first_bad_json_line(path: Path) -> str:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{path}:{number} is not valid JSON ({err.msg})"
+    return f"{path} could not be read as JSON Lines"
+
+
+def read_rows(path: Path) -> Dataset:
+    """One file as a Dataset with the six PromptCBLUE columns; a row missing a required field,
+    a non-JSON line or an empty file stops with the file and line."""
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; it must hold one JSON object per line.")
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parser errors in several types
+        raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
+    if len(rows) == 0:
+        raise UserError(f"{path} has no rows; it must hold one JSON object per line.")
+    for column in REQUIRED:
+        if column not in rows.column_names:
+            raise UserError(f"{path}:1 has no '{column}' field; every row needs {REQUIRED}.")
+        missing = [i for i, v in enumerate(rows[column]) if v is None]
+        if missing:
+            raise UserError(
+                f"{path}:{missing[0] + 1} has no '{column}' field; every row needs {REQUIRED}."
+            )
+    if "answer_choices" not in rows.column_names:
+        rows = rows.add_column("answer_choices", [None] * len(rows))
+    if "task_type" not in rows.column_names:
+        rows = rows.add_column("task_type", [""] * len(rows))
+    if "sample_id" not in rows.column_names:
+        rows = rows.add_column("sample_id", [f"{path.name}-{i}" for i in range(len(rows))])
+    rows = rows.map(
+        lambda r: {"task_type": r["task_type"] or "", "sample_id": str(r["sample_id"])},
+    )
+    return rows.select_columns(list(COLUMNS))
+
+
+def load_split(root: str, files: list[str], key: str, tasks: list[str] | None) -> Dataset:
+    """All files of one split, concatenated, restricted to `tasks` when given."""
+    parts = [read_rows(path) for path in resolve_files(root, files, key)]
+    rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if tasks is not None:
+        present = set(rows["task_dataset"])
+        absent = [t for t in tasks if t not in present]
+        if absent:
+            raise UserError(
+                f"the task(s) {absent} chosen by the config have zero rows in {key}; "
+                f"tasks present: {sorted(present)}."
+            )
+        keep = set(tasks)
+        rows = rows.filter(lambda r: r["task_dataset"] in keep)
+    return rows

@@ -1,0 +1,155 @@
+"""Scoring a model on the dev set (used by training and by `moelora eval`), and the `eval`
+command itself: re-score a run, score a base model, or score a predictions file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from moelora.config import DataConfig, EvalRunConfig, ModelConfig, TrainConfig
+from moelora.data.formatting import TrainCollator
+from moelora.data.pipeline import prepare_data, read_eval_rows
+from moelora.data.tasks import TaskRegistry
+from moelora.errors import UserError
+from moelora.evaluate.generate import generate_answers
+from moelora.evaluate.promptcblue import score_predictions
+from moelora.evaluate.report import write_predictions, write_report
+from moelora.modeling import load_base_model, load_tokenizer
+
+
+def score_model(
+    model: torch.nn.Module,
+    tokenizer,
+    rows: Dataset,
+    cfg: TrainConfig | EvalRunConfig,
+    accelerator: Accelerator,
+    label: str,
+    out_dir: Path | None = None,
+) -> tuple[dict, list[str]]:
+    """Generate greedily for every eval row and score per task; writes predictions_<label>.jsonl
+    into `out_dir` (default: the run directory)."""
+    max_new = cfg.eval.max_new_tokens or cfg.data.max_target_length
+    predictions = generate_answers(
+        model, tokenizer, rows, cfg.eval.batch_size, max_new, accelerator, f"scoring ({label})"
+    )
+    scores = score_predictions(list(rows), predictions)
+    directory = out_dir or Path(getattr(cfg, "run_dir", None) or cfg.output_dir)
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_predictions(directory / f"predictions_{label}.jsonl", rows, predictions)
+    return scores, predictions
+
+
+@torch.no_grad()
+def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) -> float:
+    """Teacher-forced LM loss on the eval set, averaged over answer tokens."""
+    model.eval()
+    pad_id = accelerator.unwrap_model(model).base_model.config.pad_token_id or 0
+    loader = DataLoader(
+        rows.select_columns(["input_ids", "labels", "task_ids", "domain_ids"]),
+        batch_size=cfg.eval.batch_size,
+        collate_fn=TrainCollator(pad_id),
+    )
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        out = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(getattr(out, "lm_loss", out.loss)) * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def evaluate_command(raw: DictConfig) -> None:
+    cfg: EvalRunConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    out_dir = Path(cfg.output_dir)
+    if cfg.predictions:
+        _score_file(cfg, out_dir)
+        return
+    accelerator = Accelerator(cpu=cfg.hardware.cpu or not torch.cuda.is_available())
+    if cfg.run_dir:
+        model, tokenizer, data_cfg, title = _load_run(cfg, accelerator)
+    else:
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
+        data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
+    registry = _registry_for(cfg, data_cfg)
+    data = prepare_data(data_cfg, tokenizer, registry)
+    model.to(accelerator.device)
+    scored = EvalRunConfig(model=cfg.model, data=data_cfg, hardware=cfg.hardware, eval=cfg.eval,
+                           output_dir=str(out_dir), cache_dir=cfg.cache_dir)
+    scores, _ = score_model(model, tokenizer, data.eval, scored, accelerator, "eval", out_dir)
+    if accelerator.is_main_process:
+        write_report(out_dir, f"moelora eval: {title}", {"score": scores}, {"source": title})
+        print((out_dir / "report.md").read_text())
+
+
+def _registry_for(cfg: EvalRunConfig, data_cfg: DataConfig) -> TaskRegistry:
+    """A run's own registry (so task ids match training), or one built from the eval rows."""
+    if cfg.run_dir:
+        return TaskRegistry.load(Path(cfg.run_dir) / "tasks.json")
+    rows = read_eval_rows(data_cfg)
+    return TaskRegistry.build(dict(zip(rows["task_dataset"], rows["task_type"], strict=True)))
+
+
+def _load_run(cfg: EvalRunConfig, accelerator: Accelerator):
+    from moelora.adapters import load_adapter
+
+    run_dir = Path(cfg.run_dir)
+    for needed in ("config.yaml", "tasks.json", "adapter"):
+        if not (run_dir / needed).exists():
+            raise UserError(
+                f"run_dir={run_dir} has no {needed}; point run_dir at a finished training run."
+            )
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    model_cfg: ModelConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
+    )
+    data_cfg: DataConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data)
+    )
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_base_model(model_cfg, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
+    model, _ = load_adapter(run_dir / "adapter", base)
+    return model, tokenizer, data_cfg, f"run {run_dir} ({saved.method.name})"
+
+
+def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:
+    """Score `{sample_id, prediction}` rows against the gold dev set, no model involved."""
+    path = Path(cfg.predictions)
+    if not path.is_file():
+        raise UserError(f"predictions='{path}' does not exist; pass a JSONL of predictions.")
+    gold = list(read_eval_rows(cfg.data))
+    by_id = {row["sample_id"]: row for row in gold}
+    predicted: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                sample_id, text = str(record["sample_id"]), record["prediction"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(
+                    f"{path}:{number} is not a JSON object with sample_id and prediction."
+                ) from None
+            if sample_id not in by_id:
+                raise UserError(
+                    f"{path}:{number} has sample_id {sample_id}, which is not in the gold set "
+                    f"{cfg.data.root}/{cfg.data.eval_files}; check data= and data.root=."
+                )
+            predicted[sample_id] = text
+    missing = len(gold) - len(predicted)
+    if missing:
+        print(f"warning: {missing} gold rows have no prediction and score as empty answers")
+    scores = score_predictions(gold, [predicted.get(r["sample_id"], "") for r in gold])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir, f"moelora eval: {path.name}", {"score": scores}, {"source": str(path)})
+    print((out_dir / "report.md").read_text())

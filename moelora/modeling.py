@@ -1,0 +1,169 @@
+"""Load the tokenizer and the base causal LM: a real checkpoint (local folder or hub id) or the
+offline `tiny` model built from a transformers config, optionally warmed up on plain text."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from moelora.config import ModelConfig, TinyModelConfig
+from moelora.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _offline_hint(what: str, name: str, key: str) -> str:
+    return (
+        f"could not load the {what} '{name}' (no local folder of that name and the hub is "
+        f"unreachable or the name is wrong); download it on a machine with network "
+        f"(`hf download {name} --local-dir DIR`) and set {key}=DIR"
+    )
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token (eos if the checkpoint has none) and left padding for
+    batched generation; training collation pads explicitly and does not depend on the side."""
+    name = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(_offline_hint("tokenizer", name, "model.tokenizer")) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer '{name}' has no eos token; pick a tokenizer that has one.")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def resolve_dtype(name: str, on_cpu: bool) -> torch.dtype:
+    """`auto` is fp32 on CPU (bf16 is ~30x slower there) and bf16 on an accelerator."""
+    if name == "auto":
+        return torch.float32 if on_cpu else torch.bfloat16
+    if name not in _DTYPES:
+        raise UserError(f"model.dtype='{name}' is unknown; use auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def load_base_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: str, on_cpu: bool
+) -> PreTrainedModel:
+    """The frozen base the adapters go on."""
+    dtype = resolve_dtype(cfg.dtype, on_cpu)
+    if cfg.name_or_path == "tiny":
+        return build_tiny_model(cfg.tiny, tokenizer, Path(cache_dir)).to(dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except OSError as err:
+        raise UserError(_offline_hint("model", cfg.name_or_path, "model.name_or_path")) from err
+
+
+def _tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
+    arch = {"llama": "llama", "qwen2": "qwen2"}.get(cfg.architecture)
+    if arch is None:
+        raise UserError(
+            f"model.tiny.architecture='{cfg.architecture}' is unknown; use llama or qwen2."
+        )
+    return AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def _fingerprint(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identifies a warmed-up tiny model: its config, the vocabulary and the warm-up text."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    for name in cfg.pretrain_files:
+        digest.update(Path(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path
+) -> PreTrainedModel:
+    """A seeded random model; with `pretrain_steps` it is warmed up once and cached on disk."""
+    for name in cfg.pretrain_files:
+        if not Path(name).is_file():
+            raise UserError(
+                f"model.tiny.pretrain_files names '{name}', which does not exist; fix the path."
+            )
+    cached = cache_dir / "tiny" / _fingerprint(cfg, tokenizer)
+    if cfg.pretrain_steps and (cached / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer))
+        if cfg.pretrain_steps:
+            _warm_up(model, cfg, tokenizer)
+            tmp = cached.with_suffix(".tmp")
+            model.save_pretrained(tmp)
+            tmp.rename(cached)
+    return model
+
+
+def _read_texts(files: list[str]) -> list[str]:
+    """Plain text for the warm-up: the `input` field of JSONL rows, or the lines of text files."""
+    texts: list[str] = []
+    for name in files:
+        with open(name, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    texts.append(json.loads(line)["input"] if name.endswith(".jsonl") else line)
+    return texts
+
+
+def _warm_up(model: PreTrainedModel, cfg: TinyModelConfig, tokenizer) -> None:
+    """Full-parameter language modelling on the warm-up text (no task answers)."""
+    texts = _read_texts(cfg.pretrain_files)
+    if not texts:
+        raise UserError("model.tiny.pretrain_steps > 0 needs text in model.tiny.pretrain_files.")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps))
+    )
+    model.train()
+    for _ in tqdm(range(cfg.pretrain_steps), desc="warming up the tiny base model"):
+        pick = torch.randint(len(texts), (cfg.pretrain_batch_size,), generator=generator)
+        batch = tokenizer(
+            [texts[i] + tokenizer.eos_token for i in pick.tolist()],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=cfg.max_position_embeddings,
+        )
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()

@@ -1,0 +1,83 @@
+"""Checkpoints that hold only what training changes: the adapter, optimizer, scheduler, RNG and
+the position in the data stream. Written to a temporary folder and renamed, so a crash mid-save
+never leaves a half checkpoint that resume would pick up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+ADAPTER_FILE = "adapter_model.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; `batches_in_epoch` lets resume skip what the epoch already used."""
+
+    stage: int = 0
+    step: int = 0  # optimizer steps within the stage
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    global_step: int = 0
+
+
+class Checkpointer:
+    """Saves and restores through `accelerator.save_state`/`load_state`, with hooks that swap the
+    full model weights (never written) for the adapter's own tensors."""
+
+    def __init__(self, accelerator: Accelerator, model, root: Path, keep: int) -> None:
+        self.accelerator, self.model, self.root, self.keep = accelerator, model, root, keep
+        accelerator.register_save_state_pre_hook(self._skip_model_weights)
+        accelerator.register_load_state_pre_hook(self._skip_model_load)
+
+    @staticmethod
+    def _skip_model_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    @staticmethod
+    def _skip_model_load(models: list, input_dir: str) -> None:
+        models.clear()
+
+    def checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+    def save(self, state: TrainState) -> Path:
+        final = self.root / f"step-{state.global_step:08d}"
+        tmp = self.root / f"tmp-{state.global_step:08d}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            save_file(
+                {k: v.contiguous() for k, v in unwrapped.adapter_state_dict().items()},
+                tmp / ADAPTER_FILE,
+            )
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def latest_state(self) -> TrainState | None:
+        """The newest checkpoint's position, read without loading anything heavy."""
+        found = self.checkpoints()
+        return TrainState(**json.loads((found[-1] / STATE_FILE).read_text())) if found else None
+
+    def load_latest(self) -> TrainState:
+        latest = self.checkpoints()[-1]
+        self.accelerator.load_state(str(latest))
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.load_adapter_state_dict(load_file(latest / ADAPTER_FILE))
+        return TrainState(**json.loads((latest / STATE_FILE).read_text()))

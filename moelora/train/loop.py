@@ -1,0 +1,258 @@
+"""The training recipe, readable top to bottom: validate -> data -> model + adapters -> score the
+base -> train each stage (with checkpoints) -> save the adapter -> score -> report.
+
+Launch: `moelora train +experiment=demo` on one device, or through a distributed launcher:
+`accelerate launch -m moelora train +experiment=cmedical hardware=...`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from moelora.adapters import AdaptedModel, save_adapter
+from moelora.config import TrainConfig, to_container
+from moelora.data.formatting import TrainCollator
+from moelora.data.mixture import MixtureSampler
+from moelora.data.pipeline import PreparedData, prepare_data
+from moelora.errors import UserError
+from moelora.evaluate.report import write_report
+from moelora.evaluate.run import eval_loss, score_model
+from moelora.modeling import load_base_model, load_tokenizer
+from moelora.train.checkpoint import Checkpointer, TrainState
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def load_train_config(raw: DictConfig) -> TrainConfig:
+    """The typed config; a method preset that contradicts itself stops here, before any work."""
+    try:
+        cfg = OmegaConf.to_object(raw)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if cfg.trainer.scheduler not in SCHEDULERS:
+        raise UserError(f"trainer.scheduler='{cfg.trainer.scheduler}' is unknown; use {SCHEDULERS}.")
+    if cfg.trainer.resume and not (Path(cfg.run_dir) / "checkpoints").is_dir():
+        raise UserError(
+            f"trainer.resume=true, but {cfg.run_dir} has no checkpoints/; pass run_dir=<a run>."
+        )
+    return cfg  # type: ignore[return-value]
+
+
+def stages_of(cfg: TrainConfig) -> list[str | None]:
+    """The method's training stages in order (MoDULA's three), or one unnamed stage."""
+    return list(cfg.method.stages) or [None]
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    loggers = [name for name in cfg.trainer.log_with if name != "none"]
+    return Accelerator(
+        cpu=cfg.hardware.cpu or not torch.cuda.is_available(),
+        mixed_precision=cfg.hardware.mixed_precision,
+        gradient_accumulation_steps=cfg.trainer.grad_accum,
+        log_with=loggers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+    )
+
+
+def train(raw_cfg: DictConfig) -> None:
+    cfg = load_train_config(raw_cfg)
+    run_dir = Path(cfg.run_dir)
+    accelerator = make_accelerator(cfg, run_dir)
+    set_seed(cfg.trainer.seed)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
+    sampler = MixtureSampler(data.train["task_dataset"], cfg.data.mixture, cfg.trainer.seed)
+    _describe_data(say, data, sampler, cfg, accelerator.num_processes)
+
+    base = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
+    model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
+    if cfg.trainer.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(accelerator.device)
+    say(f"method {cfg.method.name}: {model.num_trainable_parameters():,} trainable parameters")
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(raw_cfg)))
+        data.registry.save(run_dir / "tasks.json")
+    accelerator.init_trackers("train", config=_flat_hparams(raw_cfg))
+
+    checkpointer = Checkpointer(accelerator, model, run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
+    resume_from = checkpointer.latest_state() if cfg.trainer.resume else None
+    before_file = run_dir / "scores_before.json"
+    if cfg.eval.enabled and cfg.eval.before and not before_file.exists():
+        # Every method starts with B = 0, so the untrained adapted model is exactly its base.
+        before, _ = score_model(model, tokenizer, data.eval, cfg, accelerator, "before")
+        if accelerator.is_main_process:
+            before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
+
+    state = TrainState()
+    started = time.perf_counter()
+    tokens = 0
+    for index, stage in enumerate(stages_of(cfg)):
+        if resume_from is not None and index < resume_from.stage:
+            continue
+        model.set_stage(stage)
+        resume_here = resume_from is not None and index == resume_from.stage
+        state, stage_tokens = _train_stage(
+            cfg, accelerator, model, data, sampler, checkpointer, index, state, stage, resume_here
+        )
+        tokens += stage_tokens
+    seconds = time.perf_counter() - started
+
+    if accelerator.is_main_process:
+        save_adapter(
+            accelerator.unwrap_model(model),
+            run_dir / "adapter",
+            {"tasks": data.registry.to_dict(), "base_model": cfg.model.name_or_path},
+        )
+    info = {
+        "method": cfg.method.name,
+        "model": cfg.model.name_or_path,
+        "trainable_parameters": model.num_trainable_parameters(),
+        "steps": state.global_step,
+        "train_seconds": round(seconds, 1),
+        "train_tokens_per_second": round(tokens / max(seconds, 1e-9)),
+        "final_eval_loss": round(eval_loss(model, data.eval, cfg, accelerator), 4),
+    }
+    columns = {"before": _read_json(before_file)}
+    if cfg.eval.enabled:
+        columns["after"], _ = score_model(model, tokenizer, data.eval, cfg, accelerator, "after")
+    if accelerator.is_main_process and cfg.eval.enabled:
+        write_report(run_dir, f"moelora run: {cfg.method.name} on {cfg.data.name}", columns, info)
+        say((run_dir / "report.md").read_text())
+    say(f"run directory: {run_dir}")
+    accelerator.end_training()
+
+
+def _train_stage(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    model: AdaptedModel,
+    data: PreparedData,
+    sampler: MixtureSampler,
+    checkpointer: Checkpointer,
+    stage_index: int,
+    state: TrainState,
+    stage: str | None,
+    resume: bool,
+) -> tuple[TrainState, int]:
+    """One stage: a fresh optimizer over what the stage trains, `trainer.max_steps` steps."""
+    t = cfg.trainer
+    accelerator.free_memory()
+    loader = DataLoader(
+        data.train.select_columns(["input_ids", "labels", "task_ids", "domain_ids"]),
+        batch_size=t.batch_size,
+        sampler=sampler,
+        collate_fn=TrainCollator(model.base_model.config.pad_token_id or 0),
+    )
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(
+        t.scheduler if t.scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+        num_training_steps=t.max_steps,
+    )
+    prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if resume:
+        state = checkpointer.load_latest()
+        accelerator.print(f"resumed at step {state.global_step} (stage {stage or 'main'})")
+    else:
+        state = TrainState(stage=stage_index, global_step=state.global_step)
+
+    label = f"training {stage or ''}".strip()
+    bar = tqdm(total=t.max_steps, initial=state.step, desc=label,
+               disable=not accelerator.is_local_main_process)
+    tokens, window, window_aux = 0, [], {}
+    prepared.train()
+    while state.step < t.max_steps:
+        sampler.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+        for batch in batches:
+            with accelerator.accumulate(prepared):
+                out = prepared(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.trainable_parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            window.append(float(getattr(out, "lm_loss", out.loss)))
+            for name, value in (getattr(out, "aux_losses", None) or {}).items():
+                window_aux.setdefault(name, []).append(float(value))
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            state.global_step += 1
+            bar.update(1)
+            if state.step % t.log_every == 0 or state.step == t.max_steps:
+                logs = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0]}
+                logs |= {f"train/{k}": sum(v) / len(v) for k, v in window_aux.items()}
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                accelerator.log(logs, step=state.global_step)
+                window, window_aux = [], {}
+            if t.eval_every and state.step % t.eval_every == 0:
+                loss = eval_loss(prepared, data.eval, cfg, accelerator)
+                accelerator.log({"eval/loss": loss}, step=state.global_step)
+                prepared.train()
+            if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
+                checkpointer.save(state)
+            if state.step >= t.max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    bar.close()
+    return state, tokens
+
+
+def _describe_data(say, data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):
+    """Print the realised mixture, the length policy's effect and the effective batch size."""
+    say(f"tasks: {len(data.registry.tasks)}, domains: {data.registry.domains}")
+    say(f"mixture ({cfg.data.mixture.strategy}), rows per epoch: {len(sampler)}")
+    for task, count in sorted(sampler.counts.items()):
+        say(f"  {task:<18}{count:>7}  ({count / len(sampler):.1%})")
+    for split, report in data.reports.items():
+        say(f"{split} set lengths (tokens):")
+        for line in report.lines():
+            say("  " + line)
+    t = cfg.trainer
+    say(
+        f"effective batch: {t.batch_size} per device x {world} processes x {t.grad_accum} "
+        f"accumulation = {t.batch_size * world * t.grad_accum} rows per step"
+    )
+
+
+def _flat_hparams(raw_cfg: DictConfig) -> dict:
+    """Scalars of the config, flattened for TensorBoard's hparams (it accepts no lists)."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif isinstance(value, int | float | str | bool):
+                flat[name] = value
+
+    walk(to_container(raw_cfg), "")
+    return flat
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None

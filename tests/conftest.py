@@ -1,0 +1,41 @@
+"""Shared fixtures: Hydra composition of the shipped configs, the toy PromptCBLUE rows, and a
+cache folder so the tiny model's warm-up runs once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from moelora.config import register_configs
+from moelora.paths import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOY = REPO.parent / "shared" / "data" / "promptcblue_toy"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_and_cached(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MOELORA_CACHE", str(tmp_path_factory.mktemp("moelora-cache")))
+    register_configs()
+
+
+def compose_config(name: str, overrides: list[str], run_dir: Path | None = None) -> DictConfig:
+    """Compose configs/<name>.yaml like the CLI does, with `run_dir` filled in."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=False)
+    key = "run_dir" if name == "train" else "output_dir"
+    if run_dir is not None:
+        cfg[key] = str(run_dir)
+    return cfg
+
+
+@pytest.fixture
+def toy_dir() -> Path:
+    if not SHARED_TOY.is_dir():
+        pytest.skip(f"the PromptCBLUE toy rows are not at {SHARED_TOY} (../shared is absent)")
+    return SHARED_TOY
