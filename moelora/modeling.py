@@ -153,7 +153,7 @@ def _warm_up(model: PreTrainedModel, cfg: TinyModelConfig, tokenizer) -> None:
     for _ in tqdm(range(cfg.pretrain_steps), desc="warming up the tiny base model"):
         pick = torch.randint(len(texts), (cfg.pretrain_batch_size,), generator=generator)
         batch = tokenizer(
-            [texts[i] + tokenizer.eos_token for i in pick.tolist()],
+            [texts[i] for i in pick.tolist()],
             return_tensors="pt",
             padding=True,
             truncation=True,

@@ -30,8 +30,10 @@ class LengthReport:
     target_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        out = [f"{'task':<16}{'rows':>7}{'dropped':>8}{'cut':>6}{'prompt avg/max':>16}"
-               f"{'target avg/max':>16}"]
+        out = [
+            f"{'task':<16}{'rows':>7}{'dropped':>8}{'cut':>6}{'prompt avg/max':>16}"
+            f"{'target avg/max':>16}"
+        ]
         for task in sorted(self.kept | self.dropped):
             p, t = self.prompt_tokens.get(task, [0]), self.target_tokens.get(task, [0])
             out.append(
@@ -51,7 +53,9 @@ class PromptFormatter:
             raise UserError(f"data.length_policy='{cfg.length_policy}' is unknown; use {POLICIES}.")
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if cfg.template == "chat" and not has_template:
-            raise UserError("data.template=chat, but the tokenizer has no chat template; use plain.")
+            raise UserError(
+                "data.template=chat, but the tokenizer has no chat template; use plain."
+            )
         self.use_chat = cfg.template == "chat" or (cfg.template == "auto" and has_template)
         self.tokenizer = tokenizer
         self.cfg = cfg

@@ -52,7 +52,8 @@ def generate_answers(
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = output[:, input_ids.shape[1] :]
-        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
-                           strict=True):
+        for i, text in zip(
+            batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
+        ):
             answers[i] = text.strip()
     return [answers[i] for i in range(len(rows))]

@@ -61,7 +61,7 @@ def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) 
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         out = model(**batch)
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(getattr(out, "lm_loss", out.loss)) * n
+        total += float(out.lm_loss) * n
         count += n
     model.train()
     return total / max(count, 1)
@@ -78,13 +78,21 @@ def evaluate_command(raw: DictConfig) -> None:
         model, tokenizer, data_cfg, title = _load_run(cfg, accelerator)
     else:
         tokenizer = load_tokenizer(cfg.model)
-        model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
+        model = load_base_model(
+            cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu"
+        )
         data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
     registry = _registry_for(cfg, data_cfg)
     data = prepare_data(data_cfg, tokenizer, registry)
     model.to(accelerator.device)
-    scored = EvalRunConfig(model=cfg.model, data=data_cfg, hardware=cfg.hardware, eval=cfg.eval,
-                           output_dir=str(out_dir), cache_dir=cfg.cache_dir)
+    scored = EvalRunConfig(
+        model=cfg.model,
+        data=data_cfg,
+        hardware=cfg.hardware,
+        eval=cfg.eval,
+        output_dir=str(out_dir),
+        cache_dir=cfg.cache_dir,
+    )
     scores, _ = score_model(model, tokenizer, data.eval, scored, accelerator, "eval", out_dir)
     if accelerator.is_main_process:
         write_report(out_dir, f"moelora eval: {title}", {"score": scores}, {"source": title})

@@ -41,7 +41,9 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg.trainer.scheduler not in SCHEDULERS:
-        raise UserError(f"trainer.scheduler='{cfg.trainer.scheduler}' is unknown; use {SCHEDULERS}.")
+        raise UserError(
+            f"trainer.scheduler='{cfg.trainer.scheduler}' is unknown; use {SCHEDULERS}."
+        )
     if cfg.trainer.resume and not (Path(cfg.run_dir) / "checkpoints").is_dir():
         raise UserError(
             f"trainer.resume=true, but {cfg.run_dir} has no checkpoints/; pass run_dir=<a run>."
@@ -65,7 +67,8 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     )
 
 
-def train(raw_cfg: DictConfig) -> None:
+def train(raw_cfg: DictConfig) -> dict:
+    """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
@@ -80,7 +83,7 @@ def train(raw_cfg: DictConfig) -> None:
     base = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
     model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
     if cfg.trainer.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     model.to(accelerator.device)
     say(f"method {cfg.method.name}: {model.num_trainable_parameters():,} trainable parameters")
 
@@ -90,7 +93,9 @@ def train(raw_cfg: DictConfig) -> None:
         data.registry.save(run_dir / "tasks.json")
     accelerator.init_trackers("train", config=_flat_hparams(raw_cfg))
 
-    checkpointer = Checkpointer(accelerator, model, run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
+    checkpointer = Checkpointer(
+        accelerator, model, run_dir / "checkpoints", cfg.trainer.keep_checkpoints
+    )
     resume_from = checkpointer.latest_state() if cfg.trainer.resume else None
     before_file = run_dir / "scores_before.json"
     if cfg.eval.enabled and cfg.eval.before and not before_file.exists():
@@ -101,16 +106,17 @@ def train(raw_cfg: DictConfig) -> None:
 
     state = TrainState()
     started = time.perf_counter()
-    tokens = 0
+    tokens, losses = 0, []
     for index, stage in enumerate(stages_of(cfg)):
         if resume_from is not None and index < resume_from.stage:
             continue
         model.set_stage(stage)
         resume_here = resume_from is not None and index == resume_from.stage
-        state, stage_tokens = _train_stage(
+        state, stage_tokens, stage_losses = _train_stage(
             cfg, accelerator, model, data, sampler, checkpointer, index, state, stage, resume_here
         )
         tokens += stage_tokens
+        losses += stage_losses
     seconds = time.perf_counter() - started
 
     if accelerator.is_main_process:
@@ -126,6 +132,8 @@ def train(raw_cfg: DictConfig) -> None:
         "steps": state.global_step,
         "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(tokens / max(seconds, 1e-9)),
+        "train_loss_first": round(losses[0], 4) if losses else None,
+        "train_loss_last": round(losses[-1], 4) if losses else None,
         "final_eval_loss": round(eval_loss(model, data.eval, cfg, accelerator), 4),
     }
     columns = {"before": _read_json(before_file)}
@@ -136,6 +144,7 @@ def train(raw_cfg: DictConfig) -> None:
         say((run_dir / "report.md").read_text())
     say(f"run directory: {run_dir}")
     accelerator.end_training()
+    return {"info": info, **columns}
 
 
 def _train_stage(
@@ -149,8 +158,9 @@ def _train_stage(
     state: TrainState,
     stage: str | None,
     resume: bool,
-) -> tuple[TrainState, int]:
-    """One stage: a fresh optimizer over what the stage trains, `trainer.max_steps` steps."""
+) -> tuple[TrainState, int, list[float]]:
+    """One stage: a fresh optimizer over what the stage trains, `trainer.max_steps` steps.
+    Returns the state, the tokens seen and the logged (windowed) training losses."""
     t = cfg.trainer
     accelerator.free_memory()
     loader = DataLoader(
@@ -158,15 +168,22 @@ def _train_stage(
         batch_size=t.batch_size,
         sampler=sampler,
         collate_fn=TrainCollator(model.base_model.config.pad_token_id or 0),
+        # Its own generator: creating an iterator would otherwise draw from the global RNG and
+        # shift dropout masks after a resume.
+        generator=torch.Generator().manual_seed(t.seed),
     )
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay
+    )
     scheduler = get_scheduler(
         t.scheduler if t.scheduler != "constant" else "constant_with_warmup",
         optimizer,
         num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
         num_training_steps=t.max_steps,
     )
-    prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    prepared, optimizer, loader, scheduler = accelerator.prepare(
+        model, optimizer, loader, scheduler
+    )
     if resume:
         state = checkpointer.load_latest()
         accelerator.print(f"resumed at step {state.global_step} (stage {stage or 'main'})")
@@ -174,9 +191,13 @@ def _train_stage(
         state = TrainState(stage=stage_index, global_step=state.global_step)
 
     label = f"training {stage or ''}".strip()
-    bar = tqdm(total=t.max_steps, initial=state.step, desc=label,
-               disable=not accelerator.is_local_main_process)
-    tokens, window, window_aux = 0, [], {}
+    bar = tqdm(
+        total=t.max_steps,
+        initial=state.step,
+        desc=label,
+        disable=not accelerator.is_local_main_process,
+    )
+    tokens, window, window_aux, logged = 0, [], {}, []
     prepared.train()
     while state.step < t.max_steps:
         sampler.set_epoch(state.epoch)
@@ -192,7 +213,7 @@ def _train_stage(
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            window.append(float(getattr(out, "lm_loss", out.loss)))
+            window.append(float(out.lm_loss.detach()))
             for name, value in (getattr(out, "aux_losses", None) or {}).items():
                 window_aux.setdefault(name, []).append(float(value))
             if not accelerator.sync_gradients:
@@ -201,9 +222,13 @@ def _train_stage(
             state.global_step += 1
             bar.update(1)
             if state.step % t.log_every == 0 or state.step == t.max_steps:
-                logs = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0]}
+                logs = {
+                    "train/loss": sum(window) / len(window),
+                    "train/lr": scheduler.get_last_lr()[0],
+                }
                 logs |= {f"train/{k}": sum(v) / len(v) for k, v in window_aux.items()}
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                logged.append(logs["train/loss"])
                 accelerator.log(logs, step=state.global_step)
                 window, window_aux = [], {}
             if t.eval_every and state.step % t.eval_every == 0:
@@ -218,7 +243,7 @@ def _train_stage(
             state.epoch += 1
             state.batches_in_epoch = 0
     bar.close()
-    return state, tokens
+    return state, tokens, logged
 
 
 def _describe_data(say, data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):

@@ -1,0 +1,133 @@
+"""The one adapted layer every method shares: a frozen Linear plus gated, stacked LoRA experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from moelora.adapters.routing import Routing
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or of GPT-2's Conv1D, whose weight is stored transposed."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+class GatedLoRALinear(nn.Module):
+    """y = W x + sum_e g_e s_e B_e A_e dropout(x), computed as one fused rank-R product.
+
+    With the experts stacked, A_cat = [A_1; ...; A_E] (R x d_in) and B_cat = [B_1 ... B_E]
+    (d_out x R), R = sum_e r_e:
+
+        y = W x + B_cat ( expand(g * s) * A_cat dropout(x) )
+
+    where expand repeats expert e's weight over its r_e rows. The gate g (shape (..., E),
+    broadcastable over tokens) is the only per-method part; every expert's parameters take part
+    in every step (masked, never skipped), which keeps ZeRO-3's parameter gathering static.
+
+    Experts are stored in parameter groups (`lora_A[i]`, `lora_B[i]`) so that a training stage can
+    freeze some experts and train others (MoDULA); most methods use a single group.
+
+    Args:
+        base_layer: the frozen nn.Linear or Conv1D.
+        ranks: r_e per expert.
+        scales: s_e per expert.
+        gate: module mapping (x, routing) to g.
+        routing: the owning model's routing context.
+        dropout: dropout on the adapter input.
+        init: "kaiming" (PEFT's kaiming-uniform, a=sqrt(5)) or "normal" (std 0.01); B starts at 0.
+        group_sizes: experts per parameter group; default one group.
+        contrastive: optional aux loss on the experts' outputs, called with (h, g, B_cat, state, x)
+            while the routing state collects aux losses.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        ranks: list[int],
+        scales: list[float],
+        gate: nn.Module,
+        routing: Routing,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        group_sizes: list[int] | None = None,
+        contrastive: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.gate = gate
+        self.routing = routing
+        self.contrastive = contrastive
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.ranks = list(ranks)
+        d_in, d_out = linear_dims(base_layer)
+        weight = base_layer.weight
+        dtype = torch.float32
+        if weight.is_floating_point():
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+        group_sizes = group_sizes or [len(ranks)]
+        bounds = torch.tensor([0, *group_sizes]).cumsum(0).tolist()
+        group_ranks = [sum(ranks[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=weight.device))
+            for r in group_ranks
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=weight.device))
+            for r in group_ranks
+        )
+        for a in self.lora_A:
+            if init == "normal":
+                nn.init.normal_(a, std=0.01)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        expert_of_rank = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+        self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)
+        self.register_buffer(
+            "expert_scale",
+            torch.tensor(scales, dtype=dtype, device=weight.device),
+            persistent=False,
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ranks)
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """(A_cat, B_cat) over all groups."""
+        if len(self.lora_A) == 1:
+            return self.lora_A[0], self.lora_B[0]
+        return torch.cat(list(self.lora_A), 0), torch.cat(list(self.lora_B), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        a, b = self.stacked()
+        h = F.linear(self.dropout(x.to(a.dtype)), a)  # (..., R): every expert's A x at once
+        g = self.gate(x, self.routing)  # (..., E), broadcastable to h's leading dims
+        w = (g * self.expert_scale).to(h.dtype)[..., self.expert_of_rank]
+        if self.contrastive is not None and self.routing.state.collect_aux:
+            self.contrastive(h, g, b, self.routing.state, x)
+        return result + F.linear(h * w, b).to(result.dtype)
+
+    def folded(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """(A_cat, B_cat * expand(g * s)): a plain rank-R LoRA equal to this layer for a fixed g."""
+        a, b = self.stacked()
+        w = (g.reshape(-1) * self.expert_scale).to(b.dtype)[self.expert_of_rank]
+        return a, b * w
+
+    def merge(self, g: Tensor) -> nn.Module:
+        """Fold the adapter for a fixed gate into the base weight and return the base layer."""
+        a, b = self.folded(g)
+        delta = b @ a
+        weight = self.base_layer.weight
+        if isinstance(self.base_layer, Conv1D):
+            delta = delta.T
+        with torch.no_grad():
+            weight.add_(delta.to(weight.dtype))
+        return self.base_layer

@@ -1,0 +1,205 @@
+"""`AdaptedModel`: the wrapper the trainer uses (routing, aux losses, stages, adapter state)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from moelora.adapters.config import MODULA, STAGES, AdapterConfig
+from moelora.adapters.gates import DomainGate, TaskGate
+from moelora.adapters.inject import inject_adapters
+from moelora.adapters.routing import Routing, RoutingState, attach_checkpointing
+
+
+class AdaptedModel(nn.Module):
+    """A causal LM with gated LoRA experts on its targeted Linears; only adapters train.
+
+    Args:
+        base: any HF causal LM; it is modified in place (Linears wrapped, parameters frozen).
+        config: the validated `method` node.
+        num_tasks: size of the task registry (task ids run 0..num_tasks-1); used by moelora.
+        num_domains: number of domain experts; used by modula/modula_res.
+    """
+
+    def __init__(
+        self, base: PreTrainedModel, config: AdapterConfig, num_tasks: int, num_domains: int = 1
+    ) -> None:
+        super().__init__()
+        if config.name == "moelora" and num_tasks < 1:
+            raise ValueError("moelora needs a task registry: num_tasks must be at least 1.")
+        if config.name in MODULA and num_domains < 1:
+            raise ValueError("modula needs domains: num_domains must be at least 1.")
+        self.config, self.num_tasks, self.num_domains = config, num_tasks, num_domains
+        self.routing = Routing()
+        base_params = {id(p) for p in base.parameters()}
+        self.base_model = base
+        self.task_gate: TaskGate | None = None
+        if config.name == "moelora" and config.gate_scope == "shared":
+            device = base.get_input_embeddings().weight.device
+            self.task_gate = TaskGate(num_tasks, config.num_experts, config.task_embedding_dim)
+            self.task_gate.to(device)
+        self.adapted_layers = inject_adapters(base, config, self.routing, num_tasks, num_domains)
+        self._adapter_names = [n for n, p in self.named_parameters() if id(p) not in base_params]
+        self.stage: str | None = None
+
+    # -- forward and generation ------------------------------------------------------------
+    def routing_state(
+        self,
+        task_ids: Tensor | None = None,
+        domain_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        collect_aux: bool = False,
+    ) -> RoutingState:
+        """The state the layers route by; the shared task gate is evaluated here, once."""
+        device = self.base_model.get_input_embeddings().weight.device
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids, device=device).long()
+        if domain_ids is not None:
+            domain_ids = torch.as_tensor(domain_ids, device=device).long()
+        if self.config.name == "moelora" and task_ids is None:
+            raise ValueError(
+                "moelora routes by task: pass task_ids (one registry id per row) to forward and "
+                "generate."
+            )
+        weights = self.task_gate.weights(task_ids) if self.task_gate is not None else None
+        mask = attention_mask.bool() if attention_mask is not None else None
+        return RoutingState(task_ids, domain_ids, mask, weights, collect_aux)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        task_ids: Tensor | None = None,
+        domain_ids: Tensor | None = None,
+        **kwargs,
+    ) -> ModelOutput:
+        """The base model's output, with `loss` = LM loss + weighted aux losses.
+
+        Adds `lm_loss` (the plain LM loss), `aux_loss` (the weighted aux sum, with grad; for a
+        trainer computing its own LM loss) and `aux_losses` (unweighted, detached, for logging;
+        each averaged over layers). Aux losses are collected in training mode only.
+        """
+        state = self.routing_state(task_ids, domain_ids, attention_mask, self.training)
+        if self.training:
+            attach_checkpointing(self.base_model, self.routing)
+        with self.routing.bind(state):
+            out = self.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+        aux = {name: torch.stack(values).mean() for name, values in state.aux.items()}
+        coef = {
+            "load_balance": self.config.aux_loss_coef,
+            "contrastive": self.config.contrastive_coef,
+        }
+        weighted = [coef[name] * value for name, value in aux.items() if coef[name]]
+        aux_loss = torch.stack(weighted).sum() if weighted else None
+        out["lm_loss"] = out.loss
+        out["aux_loss"] = aux_loss
+        out["aux_losses"] = {name: value.detach() for name, value in aux.items()}
+        if out.loss is not None and aux_loss is not None:
+            out["loss"] = out.loss + aux_loss
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        task_ids: Tensor | None = None,
+        domain_ids: Tensor | None = None,
+        **generate_kwargs,
+    ) -> Tensor:
+        """`base_model.generate` with the rows' ids bound; beams/returned sequences are expanded."""
+        with self.routing.bind(self.routing_state(task_ids, domain_ids)):
+            return self.base_model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+            )
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None
+    ) -> None:
+        """Enable non-reentrant activation checkpointing with routing restored on recompute."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        attach_checkpointing(base, self.routing)
+
+    # -- training stages and parameters ------------------------------------------------------
+    def set_stage(self, stage: str | None, domains: Iterable[int] | None = None) -> None:
+        """Select what trains (and, for modula, how gates route).
+
+        None trains every adapter and gate. modula stages: `universal` trains the universal
+        expert alone; `domain` trains the domain experts (only `domains`, e.g. new ones from
+        `add_domains`, when given), each row gated to its own domain; `router` trains only the
+        routers. The stage also sets modula's gating, so `set_stage("domain")` with domain_ids
+        forces one domain expert at inference.
+        """
+        if stage is not None and (stage not in STAGES or self.config.name not in MODULA):
+            raise ValueError(
+                f"stage={stage!r} is not available for {self.config.name}; modula/modula_res take "
+                f"{', '.join(STAGES)}, every method takes None."
+            )
+        self.stage = stage
+        chosen = set(range(self.num_domains) if domains is None else domains)
+        for name, param in self.named_parameters():
+            if name in self._adapter_names:
+                param.requires_grad_(stage is None)
+        for layer in self.adapted_layers.values():
+            if not isinstance(layer.gate, DomainGate):
+                layer.requires_grad_(stage in (None, "universal"))
+                layer.base_layer.requires_grad_(False)
+                continue
+            layer.gate.stage = stage
+            if stage == "universal":
+                trainable = [layer.lora_A[0], layer.lora_B[0]]
+            elif stage == "domain":
+                trainable = [p for d in chosen for p in (layer.lora_A[d + 1], layer.lora_B[d + 1])]
+            else:
+                trainable = list(layer.gate.parameters()) if stage == "router" else []
+            for param in trainable:
+                param.requires_grad_(True)
+
+    def named_adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        names = set(self._adapter_names)
+        return [(n, p) for n, p in self.named_parameters() if n in names]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_adapter_parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # -- adapter state --------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Only adapter and gate tensors, keyed by their path in this wrapper."""
+        return {name: param.detach() for name, param in self.named_adapter_parameters()}
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> list[str]:
+        """Copy adapter tensors in; returns the adapter names left as they were.
+
+        strict raises on missing, unexpected or mis-shaped names; otherwise tensors that do not
+        fit are skipped (e.g. the router after `add_domains`, which is retrained anyway).
+        """
+        own = dict(self.named_adapter_parameters())
+        missing = [n for n in own if n not in state]
+        unexpected = [n for n in state if n not in own]
+        misfit = [n for n in own if n in state and state[n].shape != own[n].shape]
+        if strict and (missing or unexpected or misfit):
+            raise ValueError(
+                f"the adapter state does not fit this model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, wrong shape {misfit[:5]}; build the model with the same "
+                "method config, num_tasks and num_domains, or load with strict=False."
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                if name in state and name not in misfit:
+                    param.copy_(state[name])
+        return missing + misfit

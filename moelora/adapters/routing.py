@@ -1,0 +1,118 @@
+"""The routing context: how a batch's task/domain ids and padding mask reach every adapted layer.
+
+`AdaptedModel` owns one `Routing`; each adapted layer keeps a reference to it. The wrapper binds a
+`RoutingState` for the duration of one forward or `generate()` call. Activation checkpointing
+re-runs a layer inside backward, after that call has returned, so the checkpoint function is
+wrapped to re-bind the state that was live when the layer first ran (`wrap_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+def expand_rows(values: Tensor, batch: int, what: str) -> Tensor:
+    """Repeat per-row values to `batch` rows the way `generate()` expands beams (interleaved)."""
+    rows = values.shape[0]
+    if rows == batch:
+        return values
+    if rows == 0 or batch % rows:
+        raise ValueError(f"{what} has {rows} rows but the adapted layer sees a batch of {batch}.")
+    return values.repeat_interleave(batch // rows, dim=0)
+
+
+@dataclass
+class RoutingState:
+    """What one forward needs to route, plus the auxiliary losses its layers record."""
+
+    task_ids: Tensor | None = None
+    domain_ids: Tensor | None = None
+    token_mask: Tensor | None = None  # bool (batch, seq): True on real tokens
+    task_weights: Tensor | None = None  # (batch, E) from the shared task gate
+    collect_aux: bool = False
+    aux: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def ids(self, key: str, batch: int) -> Tensor:
+        values = getattr(self, key)
+        if values is None:
+            raise ValueError(
+                f"this method routes by {key}: pass {key} (a LongTensor with one id per row) to "
+                "AdaptedModel.forward and generate."
+            )
+        return expand_rows(values, batch, key)
+
+    def mask_for(self, x: Tensor) -> Tensor | None:
+        """The padding mask if it lines up with x's token positions (not in cached decoding)."""
+        mask = self.token_mask
+        return mask if mask is not None and mask.shape == x.shape[:-1] else None
+
+    def record(self, name: str, loss: Tensor) -> None:
+        if self.collect_aux:
+            self.aux.setdefault(name, []).append(loss)
+
+
+class Routing:
+    """Holds the live `RoutingState`; one per `AdaptedModel`, never module-global."""
+
+    def __init__(self) -> None:
+        self._state: RoutingState | None = None
+
+    @property
+    def state(self) -> RoutingState:
+        if self._state is None:
+            raise RuntimeError(
+                "an adapted layer ran outside AdaptedModel.forward/generate; call the wrapper, "
+                "not its base_model, so that task ids reach the gates."
+            )
+        return self._state
+
+    @contextmanager
+    def bind(self, state: RoutingState) -> Iterator[RoutingState]:
+        previous, self._state = self._state, state
+        try:
+            yield state
+        finally:
+            self._state = previous
+
+    def wrap_checkpoint(self, checkpoint_fn: Callable) -> Callable:
+        """Wrap a `_gradient_checkpointing_func` so recomputation sees the original routing.
+
+        The first call of the checkpointed function is the forward; later calls are recomputations
+        in backward. They re-bind the captured state and compute the aux losses again (checkpoint
+        refills the forward graph's saved tensors from the same ops) into a discarded dict.
+        """
+        if getattr(checkpoint_fn, "_moelora_routing", None) is self:
+            return checkpoint_fn
+
+        @functools.wraps(checkpoint_fn)
+        def checkpoint(function: Callable, *args, **kwargs):
+            captured = self._state
+            calls = 0
+
+            def run(*a, **k):
+                nonlocal calls
+                calls += 1
+                if captured is None:
+                    return function(*a, **k)
+                state = captured if calls == 1 else replace(captured, aux={})
+                with self.bind(state):
+                    return function(*a, **k)
+
+            return checkpoint_fn(run, *args, **kwargs)
+
+        checkpoint._moelora_routing = self
+        return checkpoint
+
+
+def attach_checkpointing(model: torch.nn.Module, routing: Routing) -> None:
+    """Wrap every checkpointing function the model has set (cheap when already wrapped)."""
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is not None and getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = routing.wrap_checkpoint(fn)

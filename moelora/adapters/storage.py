@@ -1,0 +1,48 @@
+"""Saving and loading an adapter: safetensors weights plus a self-describing JSON config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from moelora.adapters.config import AdapterConfig
+from moelora.adapters.model import AdaptedModel
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def save_adapter(model: AdaptedModel, directory: str | Path, metadata: dict | None = None) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` (method, sizes, metadata).
+
+    `metadata` must be JSON-serialisable (e.g. the task registry). Under ZeRO-3 gather the
+    adapter parameters first: this reads the local tensors.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in model.adapter_state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME))
+    description = {
+        "method": asdict(model.config),
+        "num_tasks": model.num_tasks,
+        "num_domains": model.num_domains,
+        "metadata": metadata or {},
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(description, indent=2, ensure_ascii=False))
+
+
+def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedModel, dict]:
+    """Rebuild the adapted model on `base` from a saved adapter; returns (model, metadata)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}; pass a saved adapter folder.")
+    description = json.loads((directory / CONFIG_NAME).read_text())
+    config = AdapterConfig(**description["method"])
+    model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
+    device = base.get_input_embeddings().weight.device
+    model.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+    return model, description["metadata"]

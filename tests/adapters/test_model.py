@@ -1,0 +1,146 @@
+"""Every method through the same generic checks: gradients, stages, aux losses, save/load."""
+
+import pytest
+import torch
+
+from moelora.adapters import load_adapter, save_adapter
+from tests.adapters.adapter_cases import (
+    CASES,
+    NUM_DOMAINS,
+    TOKEN_ROUTED,
+    adapted,
+    batch,
+    tiny_llama,
+)
+
+
+def train_step(model, inputs):
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_reach_only_adapters_and_gates(case):
+    model = adapted(case)
+    out = train_step(model, batch())
+    adapter = {n for n, _ in model.named_adapter_parameters()}
+    for name, param in model.named_parameters():
+        if name in adapter:
+            assert param.requires_grad and param.grad is not None, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_is_lm_loss_plus_weighted_aux_losses(case):
+    model = adapted(case)
+    out = train_step(model, batch())
+    expected = {"molora": {"load_balance"}, "contrastive": {"load_balance", "contrastive"}}
+    expected |= {"modula": {"load_balance"}, "modula_res": {"load_balance"}}
+    assert set(out.aux_losses) == expected.get(case, set())
+    config = model.config
+    coef = {"load_balance": config.aux_loss_coef, "contrastive": config.contrastive_coef}
+    total = out.lm_loss + sum(coef[k] * v for k, v in out.aux_losses.items())
+    torch.testing.assert_close(out.loss, total)
+    for value in out.aux_losses.values():
+        assert torch.isfinite(value) and value > 0 and not value.requires_grad
+    model.eval()
+    assert model(**batch()).aux_losses == {}
+
+
+def test_token_routed_methods_ignore_padding_in_load_balance():
+    model = adapted("molora")
+    model.train()
+    inputs = batch()
+    padded = dict(inputs)
+    padded["input_ids"] = inputs["input_ids"].clone()
+    padded["input_ids"][1, :2] = 7  # change only masked tokens' ids ...
+    padded["attention_mask"] = inputs["attention_mask"]
+    # ... masked positions still run through the layers but must not count in the loss
+    a = model(**inputs).aux_losses["load_balance"]
+    b = model(**padded).aux_losses["load_balance"]
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_round_trip_gives_identical_outputs(case, tmp_path):
+    model = adapted(case)
+    inputs = batch()
+    expected = model(**inputs).logits
+    save_adapter(model, tmp_path, {"tasks": {"a": 0, "b": 1, "c": 2}})
+    loaded, metadata = load_adapter(tmp_path, tiny_llama())
+    assert metadata == {"tasks": {"a": 0, "b": 1, "c": 2}}
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded.eval()(**inputs).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["moelora", "moelora_layer_gate"])
+def test_moelora_output_depends_on_the_task(case):
+    model = adapted(case)
+    inputs = batch()
+    other = dict(inputs, task_ids=(inputs["task_ids"] + 1) % 3)
+    assert not torch.allclose(model(**inputs).logits, model(**other).logits)
+
+
+def test_moelora_without_task_ids_fails_clearly():
+    model = adapted("moelora")
+    inputs = batch()
+    del inputs["task_ids"]
+    with pytest.raises(ValueError, match="task_ids"):
+        model(**inputs)
+
+
+def stage_trainable(model, stage, domains=None):
+    model.set_stage(stage, domains)
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", ["modula", "modula_res"])
+def test_modula_stage_freezing(case):
+    model = adapted(case)
+    adapter = {n for n, _ in model.named_adapter_parameters()}
+    universal = {n for n in adapter if n.endswith(("lora_A.0", "lora_B.0"))}
+    router = {n for n in adapter if ".gate.router." in n}
+    domain = adapter - universal - router
+    assert universal and router and domain
+    assert stage_trainable(model, "universal") == universal
+    assert stage_trainable(model, "domain") == domain
+    assert stage_trainable(model, "domain", [2]) == {n for n in domain if n.endswith(".3")}
+    assert stage_trainable(model, "router") == router
+    assert stage_trainable(model, None) == adapter
+    for stage in ("universal", "domain", "router"):
+        model.set_stage(stage)
+        model.zero_grad(set_to_none=True)
+        train_step(model, batch())
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert with_grad == stage_trainable(model, stage)
+
+
+def test_modula_domain_stage_routes_each_row_to_its_domain_expert():
+    model = adapted("modula")
+    model.set_stage("domain")
+    inputs = batch()
+    for layer in model.adapted_layers.values():
+        with model.routing.bind(model.routing_state(domain_ids=inputs["domain_ids"])):
+            g = layer.gate(torch.zeros(2, 6, 64), model.routing)
+        assert g.shape == (2, 1, NUM_DOMAINS + 1)
+        assert g.argmax(-1).flatten().tolist() == (inputs["domain_ids"] + 1).tolist()
+        break
+    other = dict(inputs, domain_ids=(inputs["domain_ids"] + 1) % NUM_DOMAINS)
+    assert not torch.allclose(model(**inputs).logits, model(**other).logits)
+
+
+def test_stages_are_refused_for_other_methods():
+    with pytest.raises(ValueError, match="stage"):
+        adapted("moelora").set_stage("router")
+
+
+@pytest.mark.parametrize("case", sorted(TOKEN_ROUTED))
+def test_token_routed_methods_need_no_task_ids(case):
+    model = adapted(case)
+    inputs = batch()
+    del inputs["task_ids"], inputs["domain_ids"]
+    assert torch.isfinite(model(**inputs).logits).all()
