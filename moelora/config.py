@@ -139,11 +139,23 @@ class EvalRunConfig:
     cache_dir: str = MISSING
 
 
+@dataclass
+class ExportConfig:
+    """`moelora export`: one task's adapter of a run as a PEFT LoRA adapter and/or merged model."""
+
+    run_dir: str = MISSING
+    task: str | None = None  # required for task-gated methods (moelora)
+    formats: list[str] = field(default_factory=lambda: ["peft"])  # peft | merged
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
 def register_configs() -> None:
     """Register the schemas that train.yaml/eval.yaml name first in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     if not OmegaConf.has_resolver("moelora_data"):
         OmegaConf.register_new_resolver("moelora_data", lambda sub="": str(DATA_DIR / sub))
 

@@ -102,3 +102,42 @@ def test_resume_equals_an_uninterrupted_run(tmp_path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_export_writes_a_peft_adapter_and_a_merged_model(finished_run, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moelora.export import export_command
+    from moelora.modeling import load_base_model
+    from moelora.rundir import load_run
+
+    run_dir, _ = finished_run
+    out = tmp_path / "export"
+    cfg = compose_config("export", [f"run_dir={run_dir}", "task=DEMO-NER", "formats=[peft,merged]"])
+    cfg.output_dir = str(out)
+    export_command(cfg)
+    run = load_run(run_dir, cfg.cache_dir, on_cpu=True)
+    task_id = run.registry.task_id("DEMO-NER")
+    ids = run.tokenizer("实体识别：\n患者自述头痛，伴有发热。\n答：", return_tensors="pt")
+    run.model.eval()
+    with torch.no_grad():
+        ours = run.model(**ids, task_ids=torch.tensor([task_id])).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")(**ids).logits
+        base = load_base_model(run.model_cfg, run.tokenizer, cfg.cache_dir, on_cpu=True)
+        plain = base(**ids).logits
+        peft = PeftModel.from_pretrained(base, out / "peft").eval()(**ids).logits
+    assert not torch.allclose(plain, ours, atol=1e-3), "the adapter changed nothing"
+    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_export_of_a_task_gated_run_needs_the_task(finished_run, tmp_path) -> None:
+    from moelora.errors import UserError
+    from moelora.export import export_command
+
+    run_dir, _ = finished_run
+    cfg = compose_config("export", [f"run_dir={run_dir}"])
+    cfg.output_dir = str(tmp_path)
+    with pytest.raises(UserError, match="pass task=<name>"):
+        export_command(cfg)

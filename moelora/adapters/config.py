@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import NoReturn
 
 METHODS = ("lora", "moelora", "molora", "modula", "modula_res", "contrastive")
@@ -25,10 +26,12 @@ def _help(text: str, default=None, factory=None):
 
 @dataclass
 class AdapterConfig:
-    """How adapters are placed, sized, gated and regularised; see `docs/methods.md` per method.
+    """How adapters are placed, sized, gated and regularised (the methods spec: methods.md).
 
     Rank is counted per expert: a layer holds `num_experts * rank_per_expert` adapter rows
-    (`total_rank`). Set either field; the other is derived (moelora splits a total rank).
+    (`total_rank`). Set either field and the other is derived (moelora splits a total rank);
+    with neither set, rank_per_expert is 8 (PEFT's default r). modula sizes its experts with
+    universal_rank and domain_rank instead.
     """
 
     name: str = _help(
@@ -48,7 +51,9 @@ class AdapterConfig:
         factory=list,
     )
     num_experts: int = _help("Experts per adapted Linear (lora: 1; modula: set by the domains).", 1)
-    rank_per_expert: int | None = _help("Rank of each expert; derived from total_rank if null.")
+    rank_per_expert: int | None = _help(
+        "Rank of each expert; derived from total_rank if null (8 if both are null)."
+    )
     total_rank: int | None = _help(
         "Rank of all experts together (moelora's r); must split evenly over num_experts."
     )
@@ -145,9 +150,25 @@ class AdapterConfig:
                     f"{self.total_rank} / num_experts={self.num_experts}; set only one of them."
                 )
             self.rank_per_expert = per_expert
-        if self.rank_per_expert is None or self.rank_per_expert < 1:
-            _fail("set rank_per_expert (or total_rank) to a positive integer.")
+        if self.rank_per_expert is None:
+            self.rank_per_expert = 8
+        if self.rank_per_expert < 1:
+            _fail(f"rank_per_expert={self.rank_per_expert} must be a positive integer.")
         self.total_rank = self.num_experts * self.rank_per_expert
+
+    @classmethod
+    def coerce(cls, config: AdapterConfig | Mapping) -> AdapterConfig:
+        """An AdapterConfig from itself, a plain dict, or Hydra's DictConfig `method` node."""
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, dict):
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(config, resolve=True)
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            _fail(f"unknown keys {unknown}; remove them or fix their spelling.")
+        return cls(**config)
 
     def scaling(self, rank: int) -> float:
         """s for an adapter of the given rank: alpha / rank, or alpha / sqrt(rank) for rsLoRA."""

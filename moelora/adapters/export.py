@@ -75,8 +75,9 @@ def export_peft_adapter(
 ) -> None:
     """Write a standard PEFT LoRA adapter equal to `model` for one task/domain.
 
-    Each layer becomes a LoRA of rank R = sum of its experts' ranks with A = A_cat and
-    B = B_cat * expand(g * s); lora_alpha = R makes PEFT's own scaling alpha / R equal to 1.
+    Each layer becomes a LoRA of rank R = the summed ranks of its experts with g != 0, with
+    A = A_cat and B = B_cat * expand(g * s) on those experts; lora_alpha = R makes PEFT's own
+    scaling alpha / R equal to 1.
     Loadable with `peft.PeftModel.from_pretrained(base, directory)` without moelora.
     """
     gates = fixed_gates(model, task_id, domain_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import accumulate, pairwise
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,8 @@ class GatedLoRALinear(nn.Module):
         if weight.is_floating_point():
             dtype = torch.promote_types(weight.dtype, torch.float32)
         group_sizes = group_sizes or [len(ranks)]
-        bounds = torch.tensor([0, *group_sizes]).cumsum(0).tolist()
-        group_ranks = [sum(ranks[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        bounds = pairwise([0, *accumulate(group_sizes)])
+        group_ranks = [sum(ranks[start:end]) for start, end in bounds]
         self.lora_A = nn.ParameterList(
             nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=weight.device))
             for r in group_ranks
@@ -116,10 +117,11 @@ class GatedLoRALinear(nn.Module):
         return result + F.linear(h * w, b).to(result.dtype)
 
     def folded(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        """(A_cat, B_cat * expand(g * s)): a plain rank-R LoRA equal to this layer for a fixed g."""
+        """(A, B * expand(g * s)) over the experts with g != 0: a plain LoRA equal to this layer."""
         a, b = self.stacked()
         w = (g.reshape(-1) * self.expert_scale).to(b.dtype)[self.expert_of_rank]
-        return a, b * w
+        keep = w != 0
+        return a[keep], (b * w)[:, keep]
 
     def merge(self, g: Tensor) -> nn.Module:
         """Fold the adapter for a fixed gate into the base weight and return the base layer."""

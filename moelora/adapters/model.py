@@ -20,7 +20,7 @@ class AdaptedModel(nn.Module):
 
     Args:
         base: any HF causal LM; it is modified in place (Linears wrapped, parameters frozen).
-        config: the validated `method` node.
+        config: the `method` node (an AdapterConfig, or a dict/DictConfig validated into one).
         num_tasks: size of the task registry (task ids run 0..num_tasks-1); used by moelora.
         num_domains: number of domain experts; used by modula/modula_res.
     """
@@ -29,6 +29,7 @@ class AdaptedModel(nn.Module):
         self, base: PreTrainedModel, config: AdapterConfig, num_tasks: int, num_domains: int = 1
     ) -> None:
         super().__init__()
+        config = AdapterConfig.coerce(config)
         if config.name == "moelora" and num_tasks < 1:
             raise ValueError("moelora needs a task registry: num_tasks must be at least 1.")
         if config.name in MODULA and num_domains < 1:
@@ -39,12 +40,15 @@ class AdaptedModel(nn.Module):
         self.base_model = base
         self.task_gate: TaskGate | None = None
         if config.name == "moelora" and config.gate_scope == "shared":
-            device = base.get_input_embeddings().weight.device
             self.task_gate = TaskGate(num_tasks, config.num_experts, config.task_embedding_dim)
-            self.task_gate.to(device)
+            self.task_gate.to(self.device)
         self.adapted_layers = inject_adapters(base, config, self.routing, num_tasks, num_domains)
-        self._adapter_names = [n for n, p in self.named_parameters() if id(p) not in base_params]
+        self._adapter_names = {n for n, p in self.named_parameters() if id(p) not in base_params}
         self.stage: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
 
     # -- forward and generation ------------------------------------------------------------
     def routing_state(
@@ -55,11 +59,10 @@ class AdaptedModel(nn.Module):
         collect_aux: bool = False,
     ) -> RoutingState:
         """The state the layers route by; the shared task gate is evaluated here, once."""
-        device = self.base_model.get_input_embeddings().weight.device
         if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids, device=device).long()
+            task_ids = torch.as_tensor(task_ids, device=self.device).long()
         if domain_ids is not None:
-            domain_ids = torch.as_tensor(domain_ids, device=device).long()
+            domain_ids = torch.as_tensor(domain_ids, device=self.device).long()
         if self.config.name == "moelora" and task_ids is None:
             raise ValueError(
                 "moelora routes by task: pass task_ids (one registry id per row) to forward and "
@@ -149,13 +152,10 @@ class AdaptedModel(nn.Module):
             )
         self.stage = stage
         chosen = set(range(self.num_domains) if domains is None else domains)
-        for name, param in self.named_parameters():
-            if name in self._adapter_names:
-                param.requires_grad_(stage is None)
+        for _, param in self.named_adapter_parameters():
+            param.requires_grad_(stage is None)
         for layer in self.adapted_layers.values():
             if not isinstance(layer.gate, DomainGate):
-                layer.requires_grad_(stage in (None, "universal"))
-                layer.base_layer.requires_grad_(False)
                 continue
             layer.gate.stage = stage
             if stage == "universal":
@@ -168,8 +168,7 @@ class AdaptedModel(nn.Module):
                 param.requires_grad_(True)
 
     def named_adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        names = set(self._adapter_names)
-        return [(n, p) for n, p in self.named_parameters() if n in names]
+        return [(n, p) for n, p in self.named_parameters() if n in self._adapter_names]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_adapter_parameters() if p.requires_grad]

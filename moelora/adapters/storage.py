@@ -41,7 +41,7 @@ def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedM
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}; pass a saved adapter folder.")
     description = json.loads((directory / CONFIG_NAME).read_text())
-    config = AdapterConfig(**description["method"])
+    config = AdapterConfig.coerce(description["method"])
     model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
     device = base.get_input_embeddings().weight.device
     model.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))

@@ -12,7 +12,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from moelora.config import DataConfig, EvalRunConfig, ModelConfig, TrainConfig
+from moelora.config import EvalRunConfig, TrainConfig
 from moelora.data.formatting import TrainCollator
 from moelora.data.pipeline import prepare_data, read_eval_rows
 from moelora.data.tasks import TaskRegistry
@@ -21,6 +21,7 @@ from moelora.evaluate.generate import generate_answers
 from moelora.evaluate.promptcblue import score_predictions
 from moelora.evaluate.report import write_predictions, write_report
 from moelora.modeling import load_base_model, load_tokenizer
+from moelora.rundir import load_run
 
 
 def score_model(
@@ -75,14 +76,19 @@ def evaluate_command(raw: DictConfig) -> None:
         return
     accelerator = Accelerator(cpu=cfg.hardware.cpu or not torch.cuda.is_available())
     if cfg.run_dir:
-        model, tokenizer, data_cfg, title = _load_run(cfg, accelerator)
+        run = load_run(cfg.run_dir, cfg.cache_dir, accelerator.device.type == "cpu")
+        model, tokenizer, data_cfg = run.model, run.tokenizer, run.data_cfg
+        registry, title = run.registry, f"run {cfg.run_dir} ({run.method})"
     else:
         tokenizer = load_tokenizer(cfg.model)
         model = load_base_model(
             cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu"
         )
         data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
-    registry = _registry_for(cfg, data_cfg)
+        rows = read_eval_rows(data_cfg)
+        registry = TaskRegistry.build(
+            dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
+        )
     data = prepare_data(data_cfg, tokenizer, registry)
     model.to(accelerator.device)
     scored = EvalRunConfig(
@@ -97,36 +103,6 @@ def evaluate_command(raw: DictConfig) -> None:
     if accelerator.is_main_process:
         write_report(out_dir, f"moelora eval: {title}", {"score": scores}, {"source": title})
         print((out_dir / "report.md").read_text())
-
-
-def _registry_for(cfg: EvalRunConfig, data_cfg: DataConfig) -> TaskRegistry:
-    """A run's own registry (so task ids match training), or one built from the eval rows."""
-    if cfg.run_dir:
-        return TaskRegistry.load(Path(cfg.run_dir) / "tasks.json")
-    rows = read_eval_rows(data_cfg)
-    return TaskRegistry.build(dict(zip(rows["task_dataset"], rows["task_type"], strict=True)))
-
-
-def _load_run(cfg: EvalRunConfig, accelerator: Accelerator):
-    from moelora.adapters import load_adapter
-
-    run_dir = Path(cfg.run_dir)
-    for needed in ("config.yaml", "tasks.json", "adapter"):
-        if not (run_dir / needed).exists():
-            raise UserError(
-                f"run_dir={run_dir} has no {needed}; point run_dir at a finished training run."
-            )
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    model_cfg: ModelConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
-    )
-    data_cfg: DataConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data)
-    )
-    tokenizer = load_tokenizer(model_cfg)
-    base = load_base_model(model_cfg, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
-    model, _ = load_adapter(run_dir / "adapter", base)
-    return model, tokenizer, data_cfg, f"run {run_dir} ({saved.method.name})"
 
 
 def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:

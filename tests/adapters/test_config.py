@@ -66,3 +66,10 @@ def test_bad_config_names_the_field(fields, names):
 def test_bad_preset_override_fails_at_to_object():
     with pytest.raises(ValueError, match="top_k"):
         load_preset("molora", top_k=8)
+
+
+def test_coerce_accepts_a_hydra_node_and_refuses_unknown_keys():
+    node = OmegaConf.load(PRESETS / "moelora.yaml")
+    assert AdapterConfig.coerce(node) == load_preset("moelora")
+    with pytest.raises(ValueError, match="num_expert"):
+        AdapterConfig.coerce({"name": "moelora", "num_expert": 4})

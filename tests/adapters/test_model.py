@@ -2,14 +2,18 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from moelora.adapters import load_adapter, save_adapter
+from moelora.adapters import AdaptedModel, load_adapter, save_adapter
 from tests.adapters.adapter_cases import (
     CASES,
     NUM_DOMAINS,
+    NUM_TASKS,
     TOKEN_ROUTED,
     adapted,
     batch,
+    make_config,
+    randomize_adapters,
     tiny_llama,
 )
 
@@ -144,3 +148,19 @@ def test_token_routed_methods_need_no_task_ids(case):
     inputs = batch()
     del inputs["task_ids"], inputs["domain_ids"]
     assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("case", ["modula", "modula_res"])
+def test_adding_a_domain_keeps_the_old_experts_and_trains_only_the_new_one(case, tmp_path):
+    old = AdaptedModel(tiny_llama(), make_config(case), NUM_TASKS, num_domains=2)
+    randomize_adapters(old)
+    save_adapter(old, tmp_path)
+    new = AdaptedModel(tiny_llama(), make_config(case, add_domains=["new"]), NUM_TASKS, 3)
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    skipped = new.load_adapter_state_dict(state, strict=False)
+    assert skipped and all(n.endswith((".3", ".weight", ".bias")) for n in skipped)
+    assert all(".3" in n or ".gate.router." in n for n in skipped)
+    kept = {n: p for n, p in new.named_adapter_parameters() if n not in skipped}
+    assert all(torch.equal(p, state[n]) for n, p in kept.items())
+    trainable = stage_trainable(new, "domain", [2])
+    assert trainable and all(n.endswith(".3") for n in trainable)

@@ -1,0 +1,44 @@
+"""`moelora export`: one task's slice of a trained run as artefacts any LoRA stack can load — a
+standard PEFT LoRA adapter (the task's gate folded into B) and, on request, a merged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from moelora.adapters import export_peft_adapter, merge_adapter
+from moelora.config import ExportConfig
+from moelora.errors import UserError
+from moelora.rundir import load_run
+
+FORMATS = ("peft", "merged")
+
+
+def export_command(raw: DictConfig) -> None:
+    cfg: ExportConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    unknown = [f for f in cfg.formats if f not in FORMATS]
+    if unknown or not cfg.formats:
+        raise UserError(f"formats={cfg.formats} must be a non-empty list from {FORMATS}.")
+    run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu=True)
+    task_id = run.registry.task_id(cfg.task) if cfg.task is not None else None
+    if run.method == "moelora" and task_id is None:
+        raise UserError(
+            f"a moelora run has one adapter per task; pass task=<name>, one of {run.registry.tasks}."
+        )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if "peft" in cfg.formats:
+            export_peft_adapter(run.model, task_id, out / "peft")
+            print(f"PEFT LoRA adapter: {out / 'peft'}")
+        if "merged" in cfg.formats:
+            merged = merge_adapter(run.model, task_id)
+            merged.save_pretrained(out / "merged")
+            run.tokenizer.save_pretrained(out / "merged")
+            print(f"merged model: {out / 'merged'}")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    info = {"run_dir": cfg.run_dir, "task": cfg.task, "method": run.method, "formats": cfg.formats}
+    (out / "export.json").write_text(json.dumps(info, ensure_ascii=False, indent=2))
