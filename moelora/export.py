@@ -25,7 +25,8 @@ def export_command(raw: DictConfig) -> None:
     task_id = run.registry.task_id(cfg.task) if cfg.task is not None else None
     if run.method == "moelora" and task_id is None:
         raise UserError(
-            f"a moelora run has one adapter per task; pass task=<name>, one of {run.registry.tasks}."
+            "a moelora run has one adapter per task; pass task=<name>, one of "
+            f"{run.registry.tasks}."
         )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

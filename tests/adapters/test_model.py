@@ -158,8 +158,7 @@ def test_adding_a_domain_keeps_the_old_experts_and_trains_only_the_new_one(case,
     new = AdaptedModel(tiny_llama(), make_config(case, add_domains=["new"]), NUM_TASKS, 3)
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
     skipped = new.load_adapter_state_dict(state, strict=False)
-    assert skipped and all(n.endswith((".3", ".weight", ".bias")) for n in skipped)
-    assert all(".3" in n or ".gate.router." in n for n in skipped)
+    assert skipped and all(n.endswith(".3") or ".gate.router." in n for n in skipped)
     kept = {n: p for n, p in new.named_adapter_parameters() if n not in skipped}
     assert all(torch.equal(p, state[n]) for n, p in kept.items())
     trainable = stage_trainable(new, "domain", [2])
