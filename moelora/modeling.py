@@ -40,7 +40,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(_offline_hint("tokenizer", name, "model.tokenizer")) from err
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise UserError(_offline_hint("tokenizer", name, key)) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token is None:

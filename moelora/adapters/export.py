@@ -44,7 +44,7 @@ def fixed_gates(
     gates = {}
     with model.routing.bind(state):
         for name, layer in model.adapted_layers.items():
-            x = torch.zeros(1, 1, linear_dims(layer.base_layer)[0], device=layer.lora_A[0].device)
+            x = torch.zeros(1, 1, linear_dims(layer.base_layer)[0], device=layer.group(0)[0].device)
             gates[name] = layer.gate(x, model.routing).reshape(-1)
     return gates
 

@@ -70,13 +70,10 @@ def build_layer(
         ranks, scales, gate = [r], [config.scaling(r)], UnitGate()
     else:
         ranks, scales = [r] * num, [config.expert_scaling] * num
-        if config.name == "moelora":
-            shared = config.gate_scope == "shared"
-            gate = (
-                SharedTaskWeights()
-                if shared
-                else TaskGate(num_tasks, num, config.task_embedding_dim)
-            )
+        if config.name == "moelora" and config.gate_scope == "shared":
+            gate = SharedTaskWeights()
+        elif config.name == "moelora":
+            gate = TaskGate(num_tasks, num, config.task_embedding_dim)
         else:
             gate = TopKRouter(d_in, num, config.top_k)
         if config.name == "contrastive":

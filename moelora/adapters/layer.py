@@ -32,8 +32,10 @@ class GatedLoRALinear(nn.Module):
     broadcastable over tokens) is the only per-method part; every expert's parameters take part
     in every step (masked, never skipped), which keeps ZeRO-3's parameter gathering static.
 
-    Experts are stored in parameter groups (`lora_A[i]`, `lora_B[i]`) so that a training stage can
-    freeze some experts and train others (MoDULA); most methods use a single group.
+    Experts are stored in parameter groups (`lora_A_i`, `lora_B_i`) so that a training stage can
+    freeze some experts and train others (MoDULA); most methods use a single group. They are
+    registered on this module itself (not in a ParameterList) because ZeRO-3 gathers a module's
+    own parameters when it runs.
 
     Args:
         base_layer: the frozen nn.Linear or Conv1D.
@@ -75,19 +77,16 @@ class GatedLoRALinear(nn.Module):
         group_sizes = group_sizes or [len(ranks)]
         bounds = pairwise([0, *accumulate(group_sizes)])
         group_ranks = [sum(ranks[start:end]) for start, end in bounds]
-        self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=weight.device))
-            for r in group_ranks
-        )
-        self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=weight.device))
-            for r in group_ranks
-        )
-        for a in self.lora_A:
+        self.num_groups = len(group_ranks)
+        for i, r in enumerate(group_ranks):
+            a = torch.empty(r, d_in, dtype=dtype, device=weight.device)
             if init == "normal":
                 nn.init.normal_(a, std=0.01)
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b = torch.zeros(d_out, r, dtype=dtype, device=weight.device)
+            self.register_parameter(f"lora_A_{i}", nn.Parameter(a))
+            self.register_parameter(f"lora_B_{i}", nn.Parameter(b))
         expert_of_rank = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
         self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)
         self.register_buffer(
@@ -100,11 +99,16 @@ class GatedLoRALinear(nn.Module):
     def num_experts(self) -> int:
         return len(self.ranks)
 
+    def group(self, i: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A, B) of parameter group i (for modula: group 0 universal, group d + 1 domain d)."""
+        return getattr(self, f"lora_A_{i}"), getattr(self, f"lora_B_{i}")
+
     def stacked(self) -> tuple[Tensor, Tensor]:
         """(A_cat, B_cat) over all groups."""
-        if len(self.lora_A) == 1:
-            return self.lora_A[0], self.lora_B[0]
-        return torch.cat(list(self.lora_A), 0), torch.cat(list(self.lora_B), 1)
+        if self.num_groups == 1:
+            return self.group(0)
+        a, b = zip(*(self.group(i) for i in range(self.num_groups)), strict=True)
+        return torch.cat(a, 0), torch.cat(b, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)

@@ -159,9 +159,9 @@ class AdaptedModel(nn.Module):
                 continue
             layer.gate.stage = stage
             if stage == "universal":
-                trainable = [layer.lora_A[0], layer.lora_B[0]]
+                trainable = list(layer.group(0))
             elif stage == "domain":
-                trainable = [p for d in chosen for p in (layer.lora_A[d + 1], layer.lora_B[d + 1])]
+                trainable = [p for d in chosen for p in layer.group(d + 1)]
             else:
                 trainable = list(layer.gate.parameters()) if stage == "router" else []
             for param in trainable:

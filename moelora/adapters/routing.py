@@ -89,6 +89,11 @@ class Routing:
         """
         if getattr(checkpoint_fn, "_moelora_routing", None) is self:
             return checkpoint_fn
+        if getattr(checkpoint_fn, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "reentrant activation checkpointing cannot backpropagate through gates shared "
+                "across layers; enable it with {'use_reentrant': False}."
+            )
 
         @functools.wraps(checkpoint_fn)
         def checkpoint(function: Callable, *args, **kwargs):

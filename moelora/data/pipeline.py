@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moelora.config import DataConfig
 from moelora.data.formatting import LengthReport, PromptFormatter, tokenize_split
-from moelora.data.reader import load_split
+from moelora.data.reader import load_split, resolve_files
 from moelora.data.tasks import TaskRegistry
 
 
@@ -20,6 +20,12 @@ class PreparedData:
     train: Dataset | None
     eval: Dataset
     reports: dict[str, LengthReport]
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Fail on a missing data folder or file before anything slow (tokenizer, model) is loaded."""
+    resolve_files(cfg.root, cfg.train_files, "data.train_files")
+    resolve_files(cfg.root, cfg.eval_files, "data.eval_files")
 
 
 def _first_per_task(rows: Dataset, limit: int | None) -> Dataset:

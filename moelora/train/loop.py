@@ -24,7 +24,7 @@ from moelora.adapters import AdaptedModel, save_adapter
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import TrainCollator
 from moelora.data.mixture import MixtureSampler
-from moelora.data.pipeline import PreparedData, prepare_data
+from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, score_model
@@ -70,6 +70,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
 def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
+    check_files(cfg.data)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.trainer.seed)

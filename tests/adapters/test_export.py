@@ -12,6 +12,15 @@ FOLDABLE = [
     pytest.param("lora", None, None, None, tiny_llama, {}, id="lora"),
     pytest.param("moelora", None, 2, None, tiny_llama, {}, id="moelora-task2"),
     pytest.param("moelora_layer_gate", None, 1, None, tiny_llama, {}, id="moelora-layer-gate"),
+    pytest.param(
+        "moelora",
+        None,
+        1,
+        None,
+        tiny_llama,
+        dict(target_modules=["up_proj", "down_proj"], dense_targets=["q_proj", "v_proj"]),
+        id="moelora-dense-targets-mixed-ranks",
+    ),
     pytest.param("modula_res", "domain", None, 2, tiny_llama, {}, id="modula_res-domain2"),
     pytest.param("modula", "universal", None, None, tiny_llama, {}, id="modula-universal"),
     pytest.param(

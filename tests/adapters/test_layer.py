@@ -65,8 +65,8 @@ def test_fused_equals_per_expert_loop(case, stage, kind):
     layer = build_layer(make_base(kind), config, routing, NUM_TASKS, NUM_DOMAINS)
     layer.requires_grad_(True)
     layer.base_layer.requires_grad_(False)
-    for b in layer.lora_B:
-        nn.init.normal_(b, std=0.1)
+    for i in range(layer.num_groups):
+        nn.init.normal_(layer.group(i)[1], std=0.1)
     if stage is not None:
         layer.gate.stage = stage
     shared = TaskGate(NUM_TASKS, layer.num_experts, 8)
@@ -100,10 +100,10 @@ def test_lora_layer_equals_peft_lora_layer(use_rslora):
     ours = build_layer(copy.deepcopy(base), config, Routing(), 1, 1)
     peft_config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, use_rslora=use_rslora)
     theirs = PeftLoraLinear(base, "default", config=peft_config, r=8, lora_alpha=32)
-    nn.init.normal_(ours.lora_B[0], std=0.1)
+    nn.init.normal_(ours.lora_B_0, std=0.1)
     with torch.no_grad():
-        theirs.lora_A["default"].weight.copy_(ours.lora_A[0])
-        theirs.lora_B["default"].weight.copy_(ours.lora_B[0])
+        theirs.lora_A["default"].weight.copy_(ours.lora_A_0)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B_0)
     x = torch.randn(2, 4, D_IN)
     torch.testing.assert_close(ours(x), theirs(x))
 
@@ -112,8 +112,8 @@ def copy_into_peft(ours: AdaptedModel, peft_model) -> None:
     with torch.no_grad():
         for name, layer in ours.adapted_layers.items():
             target = peft_model.base_model.model.get_submodule(name)
-            target.lora_A["default"].weight.copy_(layer.lora_A[0])
-            target.lora_B["default"].weight.copy_(layer.lora_B[0])
+            target.lora_A["default"].weight.copy_(layer.lora_A_0)
+            target.lora_B["default"].weight.copy_(layer.lora_B_0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -159,13 +159,14 @@ def test_moelora_expert_parameters_equal_lora_at_same_total_rank():
     assert moelora.num_trainable_parameters() == expert_params(lora) + gate
 
 
-def test_adapters_start_as_identity_and_kaiming_or_normal_init():
-    model = AdaptedModel(tiny_llama(), make_config("moelora", init="normal"), NUM_TASKS)
+@pytest.mark.parametrize("init", ["normal", "kaiming"])
+def test_adapters_start_as_the_identity_with_the_configured_init(init):
+    model = AdaptedModel(tiny_llama(), make_config("moelora", init=init), NUM_TASKS)
     inputs = batch()
-    torch.testing.assert_close(model(**inputs).logits, tiny_llama()(**_plain(inputs)).logits)
-    a = next(iter(model.adapted_layers.values())).lora_A[0]
-    assert 0.005 < a.std().item() < 0.015
-
-
-def _plain(inputs):
-    return {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    plain = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    torch.testing.assert_close(model(**inputs).logits, tiny_llama()(**plain).logits)
+    a = model.adapted_layers["model.layers.0.self_attn.q_proj"].lora_A_0
+    if init == "normal":  # MOELoRA's N(0, 0.01^2)
+        assert 0.008 < a.std().item() < 0.012
+    else:  # PEFT's kaiming-uniform(a=sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in))
+        assert a.abs().max().item() <= 64**-0.5 and a.std().item() > 0.05

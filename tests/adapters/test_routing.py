@@ -102,3 +102,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(case, enable):
     assert got.keys() == expected.keys() and got
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], msg=name)
+
+
+def test_reentrant_checkpointing_is_refused_clearly():
+    model = adapted("moelora")
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})

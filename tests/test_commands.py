@@ -1,0 +1,156 @@
+"""The commands as a user runs them (subprocesses): a multirun sweep, `eval` of a base model and
+of a predictions file, and the wheel carrying the configs and demo data for `pip install .`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.test_config import moelora
+
+SMALL = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.num_layers=2",
+    "model.tiny.pretrain_steps=0",
+    "data.max_eval_samples_per_task=2",
+    "eval.max_new_tokens=4",
+]
+
+
+def test_multirun_sweeps_one_run_per_value(tmp_path: Path) -> None:
+    result = moelora(
+        "train",
+        "-m",
+        "+experiment=demo",
+        *SMALL,
+        "trainer.max_steps=3",
+        "trainer.batch_size=4",
+        "eval.before=false",
+        "method.rank_per_expert=2,4",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1"]
+    overrides = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
+    assert "method.rank_per_expert=2" in overrides[0] and "rank_per_expert=4" in overrides[1]
+    params = [
+        json.loads((p / "metrics.json").read_text())["info"]["trainable_parameters"] for p in runs
+    ]
+    assert params[1] == 2 * params[0]
+
+
+def test_eval_scores_a_base_model(tmp_path: Path) -> None:
+    result = moelora("eval", "model=tiny", *SMALL, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["score"]["per_task"]) == {"DEMO-CLS", "DEMO-GEN", "DEMO-NER", "DEMO-STS"}
+    assert (tmp_path / "predictions_eval.jsonl").is_file()
+
+
+def test_eval_scores_a_predictions_file(tmp_path: Path) -> None:
+    gold = [json.loads(line) for line in (REPO / "data/demo/dev.jsonl").open(encoding="utf-8")]
+    ner = [row for row in gold if row["task_dataset"] == "DEMO-NER"]
+    preds = tmp_path / "preds.jsonl"
+    with preds.open("w", encoding="utf-8") as handle:
+        for row in gold:  # perfect answers except one NER row answered with nothing
+            text = "" if row is ner[0] else row["target"]
+            handle.write(json.dumps({"sample_id": row["sample_id"], "prediction": text}) + "\n")
+    out = tmp_path / "out"
+    result = moelora("eval", f"predictions={preds}", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    per_task = json.loads((out / "metrics.json").read_text())["score"]["per_task"]
+    assert per_task["DEMO-CLS"] == per_task["DEMO-STS"] == per_task["DEMO-GEN"] == 1.0
+    entities = [
+        sum(
+            len(line.split("：", 1)[1].split("，"))
+            for line in row["target"].splitlines()
+            if "实体：" in line and line.split("：", 1)[1]
+        )
+        for row in ner
+    ]
+    missed = entities[0]
+    assert per_task["DEMO-NER"] == (2 * (sum(entities) - missed)) / (2 * sum(entities) - missed)
+
+
+def test_eval_refuses_a_prediction_for_an_unknown_sample(tmp_path: Path) -> None:
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"sample_id": "nope", "prediction": "x"}) + "\n")
+    result = moelora("eval", f"predictions={preds}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert "sample_id nope, which is not in the gold set" in result.stderr
+
+
+def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("moelora-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in (
+        "moelora/configs/train.yaml",
+        "moelora/configs/experiment/demo.yaml",
+        "moelora/configs/method/moelora.yaml",
+        "moelora/demo_data/demo/train.jsonl",
+        "moelora/demo_data/tokenizer/tokenizer.json",
+        "moelora/cli.py",
+    ):
+        assert needed in names, needed
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    probe = "import moelora.paths as p; print(p.CONFIG_DIR); print(p.DATA_DIR)"
+    found = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout.split()
+    assert found == [str(target / "moelora" / "configs"), str(target / "moelora" / "demo_data")]
+    shown = subprocess.run(
+        [sys.executable, "-m", "moelora", "train", "+experiment=demo", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "moelora_data:tokenizer" in shown.stdout
