@@ -141,3 +141,13 @@ def test_export_of_a_task_gated_run_needs_the_task(finished_run, tmp_path) -> No
     cfg.output_dir = str(tmp_path)
     with pytest.raises(UserError, match="pass task=<name>"):
         export_command(cfg)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path) -> None:
+    common = ["trainer.max_steps=3", "eval.enabled=false", "method=lora", "method.dropout=0"]
+    run(tmp_path / "big", *common, "trainer.batch_size=8", "trainer.grad_accum=1")
+    run(tmp_path / "accum", *common, "trainer.batch_size=2", "trainer.grad_accum=4")
+    a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "accum" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

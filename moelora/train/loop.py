@@ -7,6 +7,7 @@ Launch: `moelora train +experiment=demo` on one device, or through a distributed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -61,7 +62,6 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=cfg.hardware.cpu or not torch.cuda.is_available(),
         mixed_precision=cfg.hardware.mixed_precision,
-        gradient_accumulation_steps=cfg.trainer.grad_accum,
         log_with=loggers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
     )
@@ -198,35 +198,30 @@ def _train_stage(
         desc=label,
         disable=not accelerator.is_local_main_process,
     )
-    tokens, window, window_aux, logged = 0, [], {}, []
+    tokens, window, window_aux, logged, micro = 0, [], {}, [], []
     prepared.train()
     while state.step < t.max_steps:
         sampler.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch)
-        for batch in batches:
-            with accelerator.accumulate(prepared):
-                out = prepared(**batch)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.trainable_parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        for batch in accelerator.skip_first_batches(loader, state.batches_in_epoch):
             state.batches_in_epoch += 1
-            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            window.append(float(out.lm_loss.detach()))
-            for name, value in (getattr(out, "aux_losses", None) or {}).items():
-                window_aux.setdefault(name, []).append(float(value))
-            if not accelerator.sync_gradients:
+            micro.append(batch)
+            if len(micro) < t.grad_accum:
                 continue
+            loss, aux, step_tokens = _optimizer_step(prepared, micro, accelerator, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro = []
+            tokens += step_tokens
+            window.append(loss)
+            for name, value in aux.items():
+                window_aux.setdefault(name, []).append(value)
             state.step += 1
             state.global_step += 1
             bar.update(1)
             if state.step % t.log_every == 0 or state.step == t.max_steps:
-                logs = {
-                    "train/loss": sum(window) / len(window),
-                    "train/lr": scheduler.get_last_lr()[0],
-                }
+                logs = {"train/loss": sum(window) / len(window)}
+                logs["train/lr"] = scheduler.get_last_lr()[0]
                 logs |= {f"train/{k}": sum(v) / len(v) for k, v in window_aux.items()}
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 logged.append(logs["train/loss"])
@@ -245,6 +240,38 @@ def _train_stage(
             state.batches_in_epoch = 0
     bar.close()
     return state, tokens, logged
+
+
+def _optimizer_step(
+    model, micro: list[dict], accelerator: Accelerator, max_grad_norm: float
+) -> tuple[float, dict[str, float], int]:
+    """Forward/backward over one step's micro-batches, leaving the gradients ready to apply.
+
+    The LM loss is normalised by the answer tokens of the whole step on all processes, so any
+    split into micro-batches, accumulation steps and processes gives the same gradient as one
+    big batch (a mean of per-micro-batch means would not). Aux losses are averaged over the
+    micro-batches. Returns the step's LM loss, its aux losses and the tokens it saw.
+    """
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+    local = torch.tensor(sum(counts), device=accelerator.device)
+    total = int(accelerator.reduce(local, reduction="sum"))
+    world = accelerator.num_processes
+    lm_sum, aux_sums = 0.0, {}
+    for index, (batch, count) in enumerate(zip(micro, counts, strict=True)):
+        last = index == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            out = model(**batch)
+            loss = out.lm_loss * (count * world / max(total, 1))
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss / len(micro)
+            accelerator.backward(loss)
+        lm_sum += float(out.lm_loss.detach()) * count
+        for name, value in out.aux_losses.items():
+            aux_sums[name] = aux_sums.get(name, 0.0) + float(value) / len(micro)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    seen = sum(int(b["attention_mask"].sum()) for b in micro) * world
+    return lm_sum / max(sum(counts), 1), aux_sums, seen
 
 
 def _describe_data(say, data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):
