@@ -154,3 +154,24 @@ def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "moelora_data:tokenizer" in shown.stdout
+
+
+def test_every_method_trains_and_scores_from_the_cli(tmp_path: Path) -> None:
+    methods = ["lora", "moelora", "molora", "modula", "modula_res", "contrastive"]
+    result = moelora(
+        "train",
+        "-m",
+        "+experiment=demo",
+        *SMALL,
+        "trainer.max_steps=2",
+        "trainer.batch_size=4",
+        "eval.before=false",
+        f"method={','.join(methods)}",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for number, method in enumerate(methods):
+        metrics = json.loads((tmp_path / str(number) / "metrics.json").read_text())
+        assert metrics["info"]["method"] == method
+        assert metrics["info"]["steps"] == (6 if method.startswith("modula") else 2)
+        assert set(metrics["after"]["per_task"]) == {"DEMO-CLS", "DEMO-GEN", "DEMO-NER", "DEMO-STS"}

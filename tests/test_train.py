@@ -151,3 +151,30 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path) -> None:
     b = load_file(tmp_path / "accum" / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_modula_trains_its_stages_in_order(tmp_path) -> None:
+    metrics = run(
+        tmp_path,
+        "method=modula_res",
+        "trainer.max_steps=4",
+        "eval.before=false",
+        "trainer.save_every=4",
+        "trainer.keep_checkpoints=0",
+    )
+    assert metrics["info"]["steps"] == 12
+    stages = [
+        json.loads((p / "trainer_state.json").read_text())["stage"]
+        for p in sorted((tmp_path / "checkpoints").iterdir())
+    ]
+    assert stages == [0, 1, 2]
+    first, last = (
+        load_file(tmp_path / "checkpoints" / name / "adapter_model.safetensors")
+        for name in ("step-00000004", "step-00000012")
+    )
+    universal = [k for k in first if "lora_B_0" in k]
+    router = [k for k in first if "router" in k or "gate" in k]
+    assert universal and router
+    for key in universal:  # frozen after the universal stage
+        torch.testing.assert_close(first[key], last[key])
+    assert any(not torch.equal(first[k], last[k]) for k in router)

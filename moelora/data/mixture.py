@@ -64,6 +64,16 @@ def task_counts(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
     return {t: _effective_size(c, cfg) if c else c for t, c in counts.items()}
 
 
+def balanced_over_domains(domain_of: dict[str, str], cfg: MixtureConfig) -> MixtureConfig:
+    """The mixture for MoDULA's router stage: every domain equally often, its tasks sharing its
+    share, so the router is not trained mostly on the largest domain."""
+    per_domain: dict[str, int] = {}
+    for domain in domain_of.values():
+        per_domain[domain] = per_domain.get(domain, 0) + 1
+    weights = {task: 1.0 / per_domain[domain] for task, domain in domain_of.items()}
+    return MixtureConfig(strategy="weights", weights=weights, epoch_size=cfg.epoch_size)
+
+
 class MixtureSampler(Sampler[int]):
     """Row indices of one epoch: `count_t` rows of each task (without replacement while the task
     has rows left, then again from a fresh permutation), shuffled together; `set_epoch` redraws."""

@@ -24,7 +24,7 @@ from transformers import get_scheduler
 from moelora.adapters import AdaptedModel, save_adapter
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import TrainCollator
-from moelora.data.mixture import MixtureSampler
+from moelora.data.mixture import MixtureSampler, balanced_over_domains
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
@@ -113,12 +113,27 @@ def train(raw_cfg: DictConfig) -> dict:
             continue
         model.set_stage(stage)
         resume_here = resume_from is not None and index == resume_from.stage
+        stage_sampler = sampler
+        if stage == "router":
+            mix = balanced_over_domains(data.registry.domain_of, cfg.data.mixture)
+            stage_sampler = MixtureSampler(data.train["task_dataset"], mix, cfg.trainer.seed)
+            say(f"router stage: rows per domain balanced, per task {stage_sampler.counts}")
         state, stage_tokens, stage_losses = _train_stage(
-            cfg, accelerator, model, data, sampler, checkpointer, index, state, stage, resume_here
+            cfg,
+            accelerator,
+            model,
+            data,
+            stage_sampler,
+            checkpointer,
+            index,
+            state,
+            stage,
+            resume_here,
         )
         tokens += stage_tokens
         losses += stage_losses
     seconds = time.perf_counter() - started
+    model.set_stage(None)  # inference: every expert and gate as trained (MoDULA: the router)
 
     if accelerator.is_main_process:
         save_adapter(
