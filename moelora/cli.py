@@ -72,11 +72,20 @@ def _hydra_app(command: str) -> Callable[[], None]:
 
 
 def _translate(command: str, overrides: list[str]) -> list[str]:
-    """`run_dir=X` on `train` also moves Hydra's output dir there, so resuming is one override."""
-    if command != "train":
+    """`run_dir=X` on `train` also moves Hydra's output dir there, so resuming is one override;
+    an existing run there is refused before Hydra writes anything into it."""
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    if command != "train" or not run_dirs:
         return overrides
-    extra = [f"hydra.run.dir={o.split('=', 1)[1]}" for o in overrides if o.startswith("run_dir=")]
-    return overrides + extra
+    from moelora.rundir import guard_run_dir
+
+    resume = any(o.lower() in {"trainer.resume=true", "trainer.resume=1"} for o in overrides)
+    try:
+        guard_run_dir(run_dirs[-1], resume)
+    except UserError as err:
+        print(f"moelora train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return overrides + [f"hydra.run.dir={run_dirs[-1]}"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,17 @@ class LoadedRun:
     method: str
 
 
+def guard_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Refuse to train into a folder that already holds a run unless resuming it, so an old
+    adapter or checkpoint is never overwritten by accident."""
+    run_dir = Path(run_dir)
+    if not resume and ((run_dir / "adapter").exists() or (run_dir / "checkpoints").exists()):
+        raise UserError(
+            f"run_dir={run_dir} already holds a training run; pass trainer.resume=true to "
+            f"continue it, or choose a new run_dir."
+        )
+
+
 def load_run(run_dir: str | Path, cache_dir: str, on_cpu: bool) -> LoadedRun:
     """The run's base model with its trained adapter, as the run's own config describes them."""
     run_dir = Path(run_dir)

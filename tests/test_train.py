@@ -178,3 +178,14 @@ def test_modula_trains_its_stages_in_order(tmp_path) -> None:
     for key in universal:  # frozen after the universal stage
         torch.testing.assert_close(first[key], last[key])
     assert any(not torch.equal(first[k], last[k]) for k in router)
+
+
+def test_an_existing_run_is_never_overwritten(finished_run) -> None:
+    from tests.test_config import moelora
+
+    run_dir, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    result = moelora("train", "+experiment=demo", f"run_dir={run_dir}")
+    assert result.returncode == 2
+    assert "already holds a training run; pass trainer.resume=true" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before

@@ -30,6 +30,7 @@ from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, score_model
 from moelora.modeling import load_base_model, load_tokenizer
+from moelora.rundir import guard_run_dir
 from moelora.train.checkpoint import Checkpointer, TrainState
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -70,6 +71,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
 def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
+    guard_run_dir(cfg.run_dir, cfg.trainer.resume)
     check_files(cfg.data)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
