@@ -85,7 +85,7 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
     except UserError as err:
         print(f"moelora train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return overrides + [f"hydra.run.dir={run_dirs[-1]}"]
+    return [f"hydra.run.dir={run_dirs[-1]}", *overrides]  # before any --flag argparse reads
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,7 +64,7 @@ class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["train.jsonl"])
     eval_files: list[str] = field(default_factory=lambda: ["dev.jsonl"])
     tasks: list[str] | None = None  # train on these tasks only (default: all in the files)
-    eval_tasks: list[str] | None = None  # score these tasks only (default: all)
+    eval_tasks: list[str] | None = None  # score these tasks only (default: data.tasks, or all)
     max_eval_samples_per_task: int | None = None
     max_source_length: int = 256
     max_target_length: int = 64
@@ -102,6 +102,9 @@ class TrainerConfig:
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest checkpoint in run_dir
+    # An earlier run directory whose adapter initialises this one (tensors that do not fit, e.g.
+    # added domain experts or a resized router, keep their init); needed by method.add_domains.
+    init_adapter_from: str | None = None
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 

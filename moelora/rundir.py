@@ -3,13 +3,16 @@ Used by `moelora eval run_dir=...` and `moelora export run_dir=...`."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from moelora.adapters import AdaptedModel, load_adapter
+from moelora.adapters import AdaptedModel, AdapterConfig, load_adapter
+from moelora.adapters.config import SHAPE_FIELDS
+from moelora.adapters.storage import CONFIG_NAME, WEIGHTS_NAME
 from moelora.config import DataConfig, ModelConfig
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
@@ -37,14 +40,41 @@ def guard_run_dir(run_dir: str | Path, resume: bool) -> None:
         )
 
 
+def require_finished_run(run_dir: str | Path, key: str, needed: tuple[str, ...]) -> Path:
+    """The run folder that config key `key` names, once it holds every path in `needed`."""
+    run_dir = Path(run_dir)
+    for name in needed:
+        if not (run_dir / name).exists():
+            raise UserError(
+                f"{key}={run_dir} has no {name}; point {key} at a finished training run."
+            )
+    return run_dir
+
+
+def read_init_run(run_dir: str | Path, method: AdapterConfig) -> TaskRegistry:
+    """The task registry of the earlier run that `trainer.init_adapter_from` names, once its
+    adapter is known to fit this run's method (same method and sizes)."""
+    key = "trainer.init_adapter_from"
+    run_dir = require_finished_run(
+        run_dir, key, ("tasks.json", f"adapter/{CONFIG_NAME}", f"adapter/{WEIGHTS_NAME}")
+    )
+    saved = json.loads((run_dir / "adapter" / CONFIG_NAME).read_text())["method"]
+    differ = [
+        f"{name}={saved.get(name)!r} there, {getattr(method, name)!r} here"
+        for name in SHAPE_FIELDS
+        if saved.get(name) != getattr(method, name)
+    ]
+    if differ:
+        raise UserError(
+            f"{key}={run_dir} holds a {saved.get('name')} adapter that does not fit this run's "
+            f"method ({'; '.join(differ)}); use the earlier run's method and sizes."
+        )
+    return TaskRegistry.load(run_dir / "tasks.json")
+
+
 def load_run(run_dir: str | Path, cache_dir: str, on_cpu: bool) -> LoadedRun:
     """The run's base model with its trained adapter, as the run's own config describes them."""
-    run_dir = Path(run_dir)
-    for needed in ("config.yaml", "tasks.json", "adapter"):
-        if not (run_dir / needed).exists():
-            raise UserError(
-                f"run_dir={run_dir} has no {needed}; point run_dir at a finished training run."
-            )
+    run_dir = require_finished_run(run_dir, "run_dir", ("config.yaml", "tasks.json", "adapter"))
     saved = OmegaConf.load(run_dir / "config.yaml")
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model))
     data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))

@@ -104,3 +104,8 @@ def test_unknown_command_is_refused() -> None:
     result = moelora("trian")
     assert result.returncode == 2
     assert "unknown command 'trian'" in result.stderr
+
+
+def test_run_dir_and_cfg_flag_combine(tmp_path) -> None:
+    result = moelora("train", "+experiment=demo", f"run_dir={tmp_path}/r", "--cfg", "job")
+    assert result.returncode == 0, result.stderr[-2000:]

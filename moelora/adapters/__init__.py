@@ -8,7 +8,7 @@ from moelora.adapters.layer import GatedLoRALinear
 from moelora.adapters.losses import ExpertContrastive, expert_contrastive_loss, load_balance_loss
 from moelora.adapters.model import AdaptedModel
 from moelora.adapters.routing import Routing, RoutingState
-from moelora.adapters.storage import load_adapter, save_adapter
+from moelora.adapters.storage import load_adapter, load_adapter_weights, save_adapter
 
 __all__ = [
     "METHODS",
@@ -31,6 +31,7 @@ __all__ = [
     "fixed_gates",
     "inject_adapters",
     "load_adapter",
+    "load_adapter_weights",
     "load_balance_loss",
     "merge_adapter",
     "save_adapter",

@@ -11,6 +11,20 @@ METHODS = ("lora", "moelora", "molora", "modula", "modula_res", "contrastive")
 TOKEN_ROUTED = ("molora", "contrastive")
 MODULA = ("modula", "modula_res")
 STAGES = ("universal", "domain", "router")
+# The fields that decide which adapter tensors exist and their shapes (with num_tasks/num_domains).
+SHAPE_FIELDS = (
+    "name",
+    "target_modules",
+    "target_regex",
+    "dense_targets",
+    "num_experts",
+    "rank_per_expert",
+    "total_rank",
+    "gate_scope",
+    "task_embedding_dim",
+    "universal_rank",
+    "domain_rank",
+)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -43,6 +43,19 @@ def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedM
     description = json.loads((directory / CONFIG_NAME).read_text())
     config = AdapterConfig.coerce(description["method"])
     model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
-    device = base.get_input_embeddings().weight.device
-    model.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+    load_adapter_weights(model, directory)
     return model, description["metadata"]
+
+
+def load_adapter_weights(
+    model: AdaptedModel, directory: str | Path, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Copy a saved adapter's tensors into an already built model; returns (loaded, kept) names.
+
+    strict=False skips tensors that do not fit (new experts, a resized router), which keep their
+    init: how a run starts from an earlier run's adapter (`trainer.init_adapter_from`).
+    """
+    state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(model.device))
+    kept = model.load_adapter_state_dict(state, strict=strict)
+    loaded = [name for name, _ in model.named_adapter_parameters() if name not in kept]
+    return loaded, kept

@@ -4,7 +4,7 @@ after per-task caps and minimums."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -76,12 +76,23 @@ def balanced_over_domains(domain_of: dict[str, str], cfg: MixtureConfig) -> Mixt
 
 class MixtureSampler(Sampler[int]):
     """Row indices of one epoch: `count_t` rows of each task (without replacement while the task
-    has rows left, then again from a fresh permutation), shuffled together; `set_epoch` redraws."""
+    has rows left, then again from a fresh permutation), shuffled together; `set_epoch` redraws.
 
-    def __init__(self, task_of_row: Sequence[str], cfg: MixtureConfig, seed: int) -> None:
+    With `only_tasks`, the mixture is drawn from the rows of those tasks alone (indices still
+    point into the whole `task_of_row`), e.g. MoDULA's domain stage for added domains.
+    """
+
+    def __init__(
+        self,
+        task_of_row: Sequence[str],
+        cfg: MixtureConfig,
+        seed: int,
+        only_tasks: Collection[str] | None = None,
+    ) -> None:
         self.rows_of: dict[str, list[int]] = {}
         for index, task in enumerate(task_of_row):
-            self.rows_of.setdefault(task, []).append(index)
+            if only_tasks is None or task in only_tasks:
+                self.rows_of.setdefault(task, []).append(index)
         if not self.rows_of:
             raise UserError("the training set is empty after filtering; check data.tasks.")
         self.counts = task_counts({t: len(r) for t, r in self.rows_of.items()}, cfg)

@@ -41,7 +41,9 @@ def _first_per_task(rows: Dataset, limit: int | None) -> Dataset:
 
 
 def read_eval_rows(cfg: DataConfig) -> Dataset:
-    rows = load_split(cfg.root, cfg.eval_files, "data.eval_files", cfg.eval_tasks)
+    """The dev rows to score: `data.eval_tasks`, else the training tasks `data.tasks`, else all."""
+    tasks = cfg.eval_tasks if cfg.eval_tasks is not None else cfg.tasks
+    rows = load_split(cfg.root, cfg.eval_files, "data.eval_files", tasks)
     return _first_per_task(rows, cfg.max_eval_samples_per_task)
 
 
@@ -49,9 +51,11 @@ def prepare_data(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
     registry: TaskRegistry | None = None,
+    extend: TaskRegistry | None = None,
 ) -> PreparedData:
     """Read, validate and tokenize. Without a registry (training) it is built from the training
-    rows; with one (re-scoring a run) the training files are not read."""
+    rows, as an extension of `extend` (an earlier run's registry) when given; with one
+    (re-scoring a run) the training files are not read."""
     formatter = PromptFormatter(tokenizer, cfg)
     reports: dict[str, LengthReport] = {}
     train = None
@@ -59,6 +63,8 @@ def prepare_data(
         rows = load_split(cfg.root, cfg.train_files, "data.train_files", cfg.tasks)
         types = dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
         registry = TaskRegistry.build(types, cfg.domains)
+        if extend is not None:
+            registry = extend.extend(registry)
         train, reports["train"] = tokenize_split(rows, formatter, registry, "train", True)
     eval_rows = read_eval_rows(cfg)
     evaluation, reports["eval"] = tokenize_split(eval_rows, formatter, registry, "eval", False)

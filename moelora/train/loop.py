@@ -1,5 +1,6 @@
 """The training recipe, readable top to bottom: validate -> data -> model + adapters -> score the
-base -> train each stage (with checkpoints) -> save the adapter -> score -> report.
+base -> (start from an earlier run's adapter) -> train each stage (with checkpoints) -> save the
+adapter -> score -> report.
 
 Launch: `moelora train +experiment=demo` on one device, or through a distributed launcher:
 `accelerate launch -m moelora train +experiment=cmedical hardware=...`.
@@ -11,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,16 +23,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from moelora.adapters import AdaptedModel, save_adapter
+from moelora.adapters import AdaptedModel, load_adapter_weights, save_adapter
+from moelora.adapters.config import MODULA
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import TrainCollator
 from moelora.data.mixture import MixtureSampler, balanced_over_domains
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
+from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, score_model
 from moelora.modeling import load_base_model, load_tokenizer
-from moelora.rundir import guard_run_dir
+from moelora.rundir import guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -50,6 +54,16 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
         raise UserError(
             f"trainer.resume=true, but {cfg.run_dir} has no checkpoints/; pass run_dir=<a run>."
         )
+    if cfg.method.add_domains and not cfg.trainer.init_adapter_from:
+        raise UserError(
+            f"method.add_domains={list(cfg.method.add_domains)} adds domains to an earlier run; "
+            f"pass trainer.init_adapter_from=<that run's directory>."
+        )
+    if cfg.method.add_domains and "universal" in cfg.method.stages:
+        raise UserError(
+            "method.add_domains keeps the earlier run's universal expert; drop universal from "
+            "method.stages (method.stages=[domain,router])."
+        )
     return cfg  # type: ignore[return-value]
 
 
@@ -59,10 +73,16 @@ def stages_of(cfg: TrainConfig) -> list[str | None]:
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    """Devices, precision and trackers. On a CPU, mixed precision is turned off: bf16 there
+    is emulated and ~30x slower than fp32."""
     loggers = [name for name in cfg.trainer.log_with if name != "none"]
+    on_cpu = cfg.hardware.cpu or not torch.cuda.is_available()
+    precision = "no" if on_cpu else cfg.hardware.mixed_precision
+    if precision != cfg.hardware.mixed_precision:
+        print(f"no GPU: hardware.mixed_precision={cfg.hardware.mixed_precision} becomes fp32")
     return Accelerator(
-        cpu=cfg.hardware.cpu or not torch.cuda.is_available(),
-        mixed_precision=cfg.hardware.mixed_precision,
+        cpu=on_cpu,
+        mixed_precision=precision,
         log_with=loggers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
     )
@@ -73,14 +93,19 @@ def train(raw_cfg: DictConfig) -> dict:
     cfg = load_train_config(raw_cfg)
     guard_run_dir(cfg.run_dir, cfg.trainer.resume)
     check_files(cfg.data)
+    init_from = cfg.trainer.init_adapter_from
+    earlier = read_init_run(init_from, cfg.method) if init_from else None
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.trainer.seed)
     say = accelerator.print
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer)
+    data = prepare_data(cfg.data, tokenizer, extend=earlier)  # earlier ids kept, new appended
     sampler = MixtureSampler(data.train["task_dataset"], cfg.data.mixture, cfg.trainer.seed)
+    if earlier is not None and cfg.method.name in MODULA:
+        present = {data.registry.domain_of[task] for task in sampler.rows_of}
+        check_added_domains(earlier.domains, present, cfg.method.add_domains)
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
 
     base = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
@@ -106,6 +131,9 @@ def train(raw_cfg: DictConfig) -> dict:
         before, _ = score_model(model, tokenizer, data.eval, cfg, accelerator, "before")
         if accelerator.is_main_process:
             before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
+    if init_from:  # after the "before" row, which stays the base model's
+        _init_adapter(say, model, init_from)
+    added = [data.registry.domains.index(d) for d in cfg.method.add_domains]
 
     state = TrainState()
     started = time.perf_counter()
@@ -113,19 +141,14 @@ def train(raw_cfg: DictConfig) -> dict:
     for index, stage in enumerate(stages_of(cfg)):
         if resume_from is not None and index < resume_from.stage:
             continue
-        model.set_stage(stage)
+        model.set_stage(stage, domains=added or None)  # the domain stage: only added experts
         resume_here = resume_from is not None and index == resume_from.stage
-        stage_sampler = sampler
-        if stage == "router":
-            mix = balanced_over_domains(data.registry.domain_of, cfg.data.mixture)
-            stage_sampler = MixtureSampler(data.train["task_dataset"], mix, cfg.trainer.seed)
-            say(f"router stage: rows per domain balanced, per task {stage_sampler.counts}")
         state, stage_tokens, stage_losses = _train_stage(
             cfg,
             accelerator,
             model,
             data,
-            stage_sampler,
+            _stage_sampler(say, cfg, data, sampler, stage),
             checkpointer,
             index,
             state,
@@ -163,6 +186,40 @@ def train(raw_cfg: DictConfig) -> dict:
     say(f"run directory: {run_dir}")
     accelerator.end_training()
     return {"info": info, **columns}
+
+
+def _init_adapter(say, model: AdaptedModel, run_dir: str) -> None:
+    """Start from an earlier run's adapter; what does not fit (added domain experts, a resized
+    router or task embedding) keeps its init. Says what was loaded and what was not."""
+    loaded, kept = load_adapter_weights(model, Path(run_dir) / "adapter", strict=False)
+    local = {
+        f"base_model.{path}.{name}": name
+        for path, layer in model.adapted_layers.items()
+        for name, _ in layer.named_parameters()
+    }
+    tally = Counter(local.get(name, name) for name in kept)
+    say(
+        f"initialised from {run_dir}: {len(loaded)} adapter tensors loaded, {len(kept)} new or "
+        f"resized ones keep their init" + "".join(f"\n  {n} x{c}" for n, c in tally.items())
+    )
+
+
+def _stage_sampler(
+    say, cfg: TrainConfig, data: PreparedData, sampler: MixtureSampler, stage: str | None
+) -> MixtureSampler:
+    """The rows a stage draws: the mixture; for MoDULA's `domain` stage with add_domains, the
+    mixture over the added domains' rows only; for `router`, every domain equally often."""
+    task_of_row, seed = data.train["task_dataset"], cfg.trainer.seed
+    if stage == "domain" and cfg.method.add_domains:
+        tasks = data.registry.tasks_in(cfg.method.add_domains)
+        sampler = MixtureSampler(task_of_row, cfg.data.mixture, seed, only_tasks=tasks)
+        say(f"domain stage: only the added domains' rows, per task {sampler.counts}")
+    elif stage == "router":
+        present = {task: data.registry.domain_of[task] for task in sampler.rows_of}
+        mix = balanced_over_domains(present, cfg.data.mixture)
+        sampler = MixtureSampler(task_of_row, mix, seed)
+        say(f"router stage: rows per domain balanced, per task {sampler.counts}")
+    return sampler
 
 
 def _train_stage(
