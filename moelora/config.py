@@ -114,6 +114,9 @@ class EvalConfig:
     before: bool = True  # also score the untouched base model (the "before" row)
     batch_size: int = 32
     max_new_tokens: int | None = None  # default: data.max_target_length
+    # modula/modula_res: score each row with its own domain's expert (the domain of its task)
+    # instead of the token router -- the "--domain override" for when the domain is known.
+    force_domain: bool = False
 
 
 @dataclass

@@ -189,3 +189,21 @@ def test_an_existing_run_is_never_overwritten(finished_run) -> None:
     assert result.returncode == 2
     assert "already holds a training run; pass trainer.resume=true" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_force_domain_scores_modula_through_each_rows_domain_expert(tmp_path) -> None:
+    metrics = run(
+        tmp_path,
+        "method=modula",
+        "trainer.max_steps=2",
+        "eval.before=false",
+        "eval.force_domain=true",
+    )
+    assert set(metrics["after"]["per_task"]) == {"DEMO-CLS", "DEMO-GEN", "DEMO-NER", "DEMO-STS"}
+
+
+def test_force_domain_is_refused_for_other_methods(tmp_path) -> None:
+    from moelora.errors import UserError
+
+    with pytest.raises(UserError, match="eval.force_domain=true is for modula/modula_res"):
+        run(tmp_path, "method=lora", "eval.force_domain=true")

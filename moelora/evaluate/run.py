@@ -12,6 +12,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from moelora.adapters.config import MODULA
 from moelora.config import EvalRunConfig, TrainConfig
 from moelora.data.formatting import TrainCollator
 from moelora.data.pipeline import prepare_data, read_eval_rows
@@ -22,6 +23,18 @@ from moelora.evaluate.promptcblue import score_predictions
 from moelora.evaluate.report import write_predictions, write_report
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import load_run
+
+
+def inference_stage(method: str, force_domain: bool) -> str | None:
+    """The adapter stage to score with: the trained router (None), or for MoDULA with
+    `eval.force_domain` each row's own domain expert."""
+    if not force_domain:
+        return None
+    if method not in MODULA:
+        raise UserError(
+            f"eval.force_domain=true is for modula/modula_res, not {method}; remove it."
+        )
+    return "domain"
 
 
 def score_model(
@@ -77,6 +90,7 @@ def evaluate_command(raw: DictConfig) -> None:
     accelerator = Accelerator(cpu=cfg.hardware.cpu or not torch.cuda.is_available())
     if cfg.run_dir:
         run = load_run(cfg.run_dir, cfg.cache_dir, accelerator.device.type == "cpu")
+        run.model.set_stage(inference_stage(run.method, cfg.eval.force_domain))
         model, tokenizer, data_cfg = run.model, run.tokenizer, run.data_cfg
         registry, title = run.registry, f"run {cfg.run_dir} ({run.method})"
     else:

@@ -32,7 +32,7 @@ from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
-from moelora.evaluate.run import eval_loss, score_model
+from moelora.evaluate.run import eval_loss, inference_stage, score_model
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
@@ -64,6 +64,7 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
             "method.add_domains keeps the earlier run's universal expert; drop universal from "
             "method.stages (method.stages=[domain,router])."
         )
+    inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
     return cfg  # type: ignore[return-value]
 
 
@@ -158,7 +159,7 @@ def train(raw_cfg: DictConfig) -> dict:
         tokens += stage_tokens
         losses += stage_losses
     seconds = time.perf_counter() - started
-    model.set_stage(None)  # inference: every expert and gate as trained (MoDULA: the router)
+    model.set_stage(inference_stage(cfg.method.name, cfg.eval.force_domain))
 
     if accelerator.is_main_process:
         save_adapter(
