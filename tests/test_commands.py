@@ -87,24 +87,14 @@ def test_eval_refuses_a_prediction_for_an_unknown_sample(tmp_path: Path) -> None
     assert "sample_id nope, which is not in the gold set" in result.stderr
 
 
-def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
+def pip(*args: str) -> None:
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
+        [sys.executable, "-m", "pip", *args], check=True, capture_output=True, timeout=300
     )
+
+
+def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
+    pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO))
     (wheel,) = tmp_path.glob("moelora-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
@@ -117,22 +107,7 @@ def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
     ):
         assert needed in names, needed
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    pip("install", "--no-deps", "-q", "--target", str(target), str(wheel))
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = "import moelora.paths as p; print(p.CONFIG_DIR); print(p.DATA_DIR)"
     found = subprocess.run(
