@@ -117,6 +117,8 @@ class EvalConfig:
     # modula/modula_res: score each row with its own domain's expert (the domain of its task)
     # instead of the token router -- the "--domain override" for when the domain is known.
     force_domain: bool = False
+    # Also report the mean over these tasks (cmedical: the 8 tasks the MOELoRA paper scores).
+    summary_tasks: list[str] | None = None
 
 
 @dataclass

@@ -25,7 +25,9 @@ def resolve_files(root: str, files: list[str], key: str) -> list[Path]:
     paths: list[Path] = []
     for name in files:
         path = base / name
-        if path.is_dir():
+        if is_saved_dataset(path):
+            paths.append(path)
+        elif path.is_dir():
             paths += sorted(p for p in path.iterdir() if p.suffix in {".json", ".jsonl"})
         elif path.is_file():
             paths.append(path)
@@ -34,6 +36,11 @@ def resolve_files(root: str, files: list[str], key: str) -> list[Path]:
     if not paths:
         raise UserError(f"{key} matched no .json/.jsonl files under {root}.")
     return paths
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (read with `load_from_disk`)."""
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
 def _first_bad_json_line(path: Path) -> str:
@@ -48,15 +55,19 @@ def _first_bad_json_line(path: Path) -> str:
 
 
 def read_rows(path: Path) -> Dataset:
-    """One file as a Dataset with the six PromptCBLUE columns; a row missing a required field,
-    a non-JSON line or an empty file stops with the file and line."""
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty; it must hold one JSON object per line.")
+    """One JSON/JSONL file (or a `save_to_disk` folder) as a Dataset with the six PromptCBLUE
+    columns; a row missing a required field, a non-JSON line or an empty file stops with the
+    file and line (row number for a saved dataset)."""
     datasets.disable_progress_bars()
-    try:
-        rows = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as err:  # datasets wraps parser errors in several types
-        raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
+    if is_saved_dataset(path):
+        rows = datasets.load_from_disk(str(path))
+    elif path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; it must hold one JSON object per line.")
+    else:
+        try:
+            rows = datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception as err:  # datasets wraps parser errors in several types
+            raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
     if len(rows) == 0:
         raise UserError(f"{path} has no rows; it must hold one JSON object per line.")
     for column in REQUIRED:

@@ -29,6 +29,16 @@ def render_report(title: str, columns: dict[str, dict | None], info: dict[str, A
         lines.append(f"| {task} | {counts.get(task, 0)} | {cells} |")
     overall = " | ".join(f"**{_cell(s, None)}**" for s in columns.values())
     lines.append(f"| **overall** | {sum(counts.values())} | {overall} |")
+    summarised = next((s["summary"]["tasks"] for s in columns.values() if s and "summary" in s), [])
+    if summarised:
+        cells = " | ".join(
+            f"**{100 * s['summary']['overall']:.1f}**" if s and "summary" in s else "–"
+            for s in columns.values()
+        )
+        rows = sum(counts.get(t, 0) for t in summarised)
+        lines.append(
+            f"| **overall of {len(summarised)}: {', '.join(summarised)}** | {rows} | {cells} |"
+        )
     return "\n".join(lines) + "\n"
 
 

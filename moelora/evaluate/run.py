@@ -37,6 +37,20 @@ def inference_stage(method: str, force_domain: bool) -> str | None:
     return "domain"
 
 
+def with_summary(scores: dict, tasks: list[str] | None) -> dict:
+    """Add `summary`: the mean over `eval.summary_tasks`, each of which must have been scored."""
+    if not tasks:
+        return scores
+    missing = [t for t in tasks if t not in scores["per_task"]]
+    if missing:
+        raise UserError(
+            f"eval.summary_tasks names {missing}, which the eval set does not score; "
+            f"use tasks from {sorted(scores['per_task'])}."
+        )
+    mean = sum(scores["per_task"][t] for t in tasks) / len(tasks)
+    return {**scores, "summary": {"tasks": list(tasks), "overall": mean}}
+
+
 def score_model(
     model: torch.nn.Module,
     tokenizer,
@@ -52,7 +66,7 @@ def score_model(
     predictions = generate_answers(
         model, tokenizer, rows, cfg.eval.batch_size, max_new, accelerator, f"scoring ({label})"
     )
-    scores = score_predictions(list(rows), predictions)
+    scores = with_summary(score_predictions(list(rows), predictions), cfg.eval.summary_tasks)
     directory = out_dir or Path(getattr(cfg, "run_dir", None) or cfg.output_dir)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
@@ -148,6 +162,7 @@ def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:
     if missing:
         print(f"warning: {missing} gold rows have no prediction and score as empty answers")
     scores = score_predictions(gold, [predicted.get(r["sample_id"], "") for r in gold])
+    scores = with_summary(scores, cfg.eval.summary_tasks)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(out_dir, f"moelora eval: {path.name}", {"score": scores}, {"source": str(path)})
     print((out_dir / "report.md").read_text())

@@ -121,6 +121,7 @@ def train(raw_cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(raw_cfg)))
         data.registry.save(run_dir / "tasks.json")
     accelerator.init_trackers("train", config=_flat_hparams(raw_cfg))
+    accelerator.log({f"data/mix/{t}": n / len(sampler) for t, n in sampler.counts.items()}, step=0)
 
     checkpointer = Checkpointer(
         accelerator, model, run_dir / "checkpoints", cfg.trainer.keep_checkpoints

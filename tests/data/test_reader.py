@@ -95,3 +95,35 @@ def test_length_policy(tmp_path: Path, tokenizer) -> None:
     assert tokenizer.decode(prompt).endswith("答：")  # the question end survives the cut
     labels = [t for t in data.train[0]["labels"] if t != -100]
     assert tokenizer.decode(labels[:-1]) == ROW["target"]  # the answer is never cut
+
+
+def test_a_saved_dataset_folder_is_read_like_a_file(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list([ROW, {**ROW, "sample_id": "s2"}]).save_to_disk(str(tmp_path / "train"))
+    rows = load_split(str(tmp_path), ["train"], "data.train_files", None)
+    assert rows["sample_id"] == ["s1", "s2"] and rows.column_names[:3] == [
+        "input",
+        "target",
+        "task_dataset",
+    ]
+
+
+def test_chat_template_formats_the_prompt_and_keeps_loss_on_the_answer(tmp_path, tokenizer):
+    from moelora.data.formatting import PromptFormatter
+
+    chat = tokenizer.__class__.from_pretrained(str(DATA_DIR / "tokenizer"))
+    chat.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    cfg = _data(tmp_path, [ROW], [ROW], system_prompt="你是医生。")
+    formatter = PromptFormatter(chat, cfg)
+    assert formatter.use_chat
+    prompt = chat.decode(formatter.prompt_ids(ROW["input"]))
+    assert prompt == f"<s>system\n你是医生。</s><s>user\n{ROW['input']}</s><s>assistant\n"
+    data = prepare_data(cfg, chat)
+    labels = [t for t in data.train[0]["labels"] if t != -100]
+    assert chat.decode(labels) == ROW["target"] + "</s>"
+    plain = PromptFormatter(chat, _data(tmp_path, [ROW], [ROW], template="plain"))
+    assert chat.decode(plain.prompt_ids(ROW["input"])) == ROW["input"]
