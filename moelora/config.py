@@ -61,8 +61,13 @@ class MixtureConfig:
 class DataConfig:
     name: str = MISSING
     root: str = MISSING
+    # Files (or folders of them, or `save_to_disk` folders) under root, one list per split ...
     train_files: list[str] = field(default_factory=lambda: ["train.jsonl"])
     eval_files: list[str] = field(default_factory=lambda: ["dev.jsonl"])
+    # ... or a `datasets` name / local folder for load_dataset, whose splits replace the files.
+    dataset: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
     tasks: list[str] | None = None  # train on these tasks only (default: all in the files)
     eval_tasks: list[str] | None = None  # score these tasks only (default: data.tasks, or all)
     max_eval_samples_per_task: int | None = None

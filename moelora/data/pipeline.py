@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moelora.config import DataConfig
 from moelora.data.formatting import LengthReport, PromptFormatter, tokenize_split
-from moelora.data.reader import load_split, resolve_files
+from moelora.data.reader import load_named_split, load_split, only_tasks, resolve_files
 from moelora.data.tasks import TaskRegistry
 
 
@@ -24,8 +24,22 @@ class PreparedData:
 
 def check_files(cfg: DataConfig) -> None:
     """Fail on a missing data folder or file before anything slow (tokenizer, model) is loaded."""
-    resolve_files(cfg.root, cfg.train_files, "data.train_files")
-    resolve_files(cfg.root, cfg.eval_files, "data.eval_files")
+    if not cfg.dataset:
+        resolve_files(cfg.root, cfg.train_files, "data.train_files")
+        resolve_files(cfg.root, cfg.eval_files, "data.eval_files")
+
+
+def read_split(cfg: DataConfig, split: str) -> Dataset:
+    """The `train` or `eval` rows, from `data.dataset`'s splits or from the files under
+    `data.root`; eval keeps `data.eval_tasks`, else the training tasks `data.tasks`, else all."""
+    tasks = cfg.tasks
+    if split == "eval" and cfg.eval_tasks is not None:
+        tasks = cfg.eval_tasks
+    if cfg.dataset:
+        key = f"data.{split}_split"
+        return only_tasks(load_named_split(cfg.dataset, getattr(cfg, key[5:]), key), tasks, key)
+    key = f"data.{split}_files"
+    return load_split(cfg.root, getattr(cfg, key[5:]), key, tasks)
 
 
 def _first_per_task(rows: Dataset, limit: int | None) -> Dataset:
@@ -41,10 +55,8 @@ def _first_per_task(rows: Dataset, limit: int | None) -> Dataset:
 
 
 def read_eval_rows(cfg: DataConfig) -> Dataset:
-    """The dev rows to score: `data.eval_tasks`, else the training tasks `data.tasks`, else all."""
-    tasks = cfg.eval_tasks if cfg.eval_tasks is not None else cfg.tasks
-    rows = load_split(cfg.root, cfg.eval_files, "data.eval_files", tasks)
-    return _first_per_task(rows, cfg.max_eval_samples_per_task)
+    """The dev rows to score, at most `data.max_eval_samples_per_task` of each task."""
+    return _first_per_task(read_split(cfg, "eval"), cfg.max_eval_samples_per_task)
 
 
 def prepare_data(
@@ -60,7 +72,7 @@ def prepare_data(
     reports: dict[str, LengthReport] = {}
     train = None
     if registry is None:
-        rows = load_split(cfg.root, cfg.train_files, "data.train_files", cfg.tasks)
+        rows = read_split(cfg, "train")
         types = dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
         registry = TaskRegistry.build(types, cfg.domains)
         if extend is not None:

@@ -60,40 +60,68 @@ def read_rows(path: Path) -> Dataset:
     file and line (row number for a saved dataset)."""
     datasets.disable_progress_bars()
     if is_saved_dataset(path):
-        rows = datasets.load_from_disk(str(path))
-    elif path.stat().st_size == 0:
+        return normalise(datasets.load_from_disk(str(path)), str(path))
+    if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; it must hold one JSON object per line.")
-    else:
-        try:
-            rows = datasets.load_dataset("json", data_files=str(path), split="train")
-        except Exception as err:  # datasets wraps parser errors in several types
-            raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
+    try:
+        rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parser errors in several types
+        raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
+    return normalise(rows, str(path))
+
+
+def normalise(rows: Dataset, where: str) -> Dataset:
+    """Check the required fields (naming `where:line` of the first bad row) and fill the
+    optional ones, leaving exactly the six PromptCBLUE columns."""
     if len(rows) == 0:
-        raise UserError(f"{path} has no rows; it must hold one JSON object per line.")
+        raise UserError(f"{where} has no rows; it must hold one JSON object per line.")
     for column in REQUIRED:
         if column not in rows.column_names:
-            raise UserError(f"{path}:1 has no '{column}' field; every row needs {REQUIRED}.")
+            raise UserError(f"{where}:1 has no '{column}' field; every row needs {REQUIRED}.")
         missing = [i for i, v in enumerate(rows[column]) if v is None]
         if missing:
             raise UserError(
-                f"{path}:{missing[0] + 1} has no '{column}' field; every row needs {REQUIRED}."
+                f"{where}:{missing[0] + 1} has no '{column}' field; every row needs {REQUIRED}."
             )
     if "answer_choices" not in rows.column_names:
         rows = rows.add_column("answer_choices", [None] * len(rows))
     if "task_type" not in rows.column_names:
         rows = rows.add_column("task_type", [""] * len(rows))
     if "sample_id" not in rows.column_names:
-        rows = rows.add_column("sample_id", [f"{path.name}-{i}" for i in range(len(rows))])
+        name = where.rsplit("/", 1)[-1]
+        rows = rows.add_column("sample_id", [f"{name}-{i}" for i in range(len(rows))])
     rows = rows.map(
         lambda r: {"task_type": r["task_type"] or "", "sample_id": str(r["sample_id"])},
     )
     return rows.select_columns(list(COLUMNS))
 
 
+def load_named_split(name: str, split: str, key: str) -> Dataset:
+    """One split of a `datasets` dataset: a hub name or a local folder of data files."""
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except ValueError as err:
+        raise UserError(
+            f"{key}='{split}' is not a split of data.dataset='{name}' ({err})."
+        ) from None
+    except Exception as err:  # offline hub, missing folder, bad files
+        raise UserError(
+            f"could not load data.dataset='{name}' ({type(err).__name__}); point it at a local "
+            f"folder of data files, or download the dataset on a machine with network."
+        ) from None
+    return normalise(rows, f"{name}[{split}]")
+
+
 def load_split(root: str, files: list[str], key: str, tasks: list[str] | None) -> Dataset:
     """All files of one split, concatenated, restricted to `tasks` when given."""
     parts = [read_rows(path) for path in resolve_files(root, files, key)]
     rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return only_tasks(rows, tasks, key)
+
+
+def only_tasks(rows: Dataset, tasks: list[str] | None, key: str) -> Dataset:
+    """The rows of `tasks` (all rows when None); a chosen task with no rows is an error."""
     if tasks is not None:
         present = set(rows["task_dataset"])
         absent = [t for t in tasks if t not in present]

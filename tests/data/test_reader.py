@@ -127,3 +127,19 @@ def test_chat_template_formats_the_prompt_and_keeps_loss_on_the_answer(tmp_path,
     assert chat.decode(labels) == ROW["target"] + "</s>"
     plain = PromptFormatter(chat, _data(tmp_path, [ROW], [ROW], template="plain"))
     assert chat.decode(plain.prompt_ids(ROW["input"])) == ROW["input"]
+
+
+def test_a_datasets_folder_with_splits_is_a_source(tmp_path: Path, tokenizer) -> None:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write(folder / "train.jsonl", [ROW, {**ROW, "sample_id": "s2"}])
+    write(folder / "validation.jsonl", [{**ROW, "sample_id": "d1"}])
+    cfg = DataConfig(name="t", root=str(tmp_path), dataset=str(folder))
+    data = prepare_data(cfg, tokenizer)
+    assert data.train["sample_id"] == ["s1", "s2"] and data.eval["sample_id"] == ["d1"]
+    with pytest.raises(UserError, match="data.eval_split='dev' is not a split"):
+        prepare_data(
+            DataConfig(name="t", root=".", dataset=str(folder), eval_split="dev"), tokenizer
+        )
+    with pytest.raises(UserError, match="could not load data.dataset="):
+        prepare_data(DataConfig(name="t", root=".", dataset=str(tmp_path / "nope")), tokenizer)
