@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from moelora.adapters import export_peft_adapter, merge_adapter
+from moelora.adapters.config import MODULA
 from moelora.config import ExportConfig
 from moelora.errors import UserError
 from moelora.rundir import load_run
@@ -23,19 +24,23 @@ def export_command(raw: DictConfig) -> None:
         raise UserError(f"formats={cfg.formats} must be a non-empty list from {FORMATS}.")
     run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu=True)
     task_id = run.registry.task_id(cfg.task) if cfg.task is not None else None
-    if run.method == "moelora" and task_id is None:
+    if run.method in ("moelora", *MODULA) and task_id is None:
         raise UserError(
-            "a moelora run has one adapter per task; pass task=<name>, one of "
+            f"a {run.method} run has one adapter per task; pass task=<name>, one of "
             f"{run.registry.tasks}."
         )
+    domain_id = None
+    if run.method in MODULA:  # the task's domain expert (plus the universal one)
+        run.model.set_stage("domain")
+        task_id, domain_id = None, run.registry.domain_id(cfg.task)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         if "peft" in cfg.formats:
-            export_peft_adapter(run.model, task_id, out / "peft")
+            export_peft_adapter(run.model, task_id, out / "peft", domain_id=domain_id)
             print(f"PEFT LoRA adapter: {out / 'peft'}")
         if "merged" in cfg.formats:
-            merged = merge_adapter(run.model, task_id)
+            merged = merge_adapter(run.model, task_id, domain_id=domain_id)
             merged.save_pretrained(out / "merged")
             run.tokenizer.save_pretrained(out / "merged")
             print(f"merged model: {out / 'merged'}")

@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,6 +75,8 @@ def load_base_model(
         return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except OSError as err:
         raise UserError(_offline_hint("model", cfg.name_or_path, "model.name_or_path")) from err
+    except ValueError as err:  # e.g. custom code without model.trust_remote_code=true
+        raise UserError(f"could not load model '{cfg.name_or_path}': {err}") from None
 
 
 def _tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
@@ -123,9 +127,14 @@ def build_tiny_model(
         model = AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer))
         if cfg.pretrain_steps:
             _warm_up(model, cfg, tokenizer)
-            tmp = cached.with_suffix(".tmp")
+            # A private temp folder and a tolerant rename: parallel sweep jobs or ranks may
+            # warm up the same model at once; the first to finish publishes it.
+            tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
             model.save_pretrained(tmp)
-            tmp.rename(cached)
+            try:
+                tmp.rename(cached)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
     return model
 
 

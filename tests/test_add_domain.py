@@ -14,6 +14,8 @@ from moelora.data.tasks import TaskRegistry, check_added_domains
 from moelora.errors import UserError
 from tests.test_train import run
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
+
 EARLIER_TASKS = ["data.tasks=[DEMO-CLS,DEMO-STS,DEMO-NER]"]
 QUICK = ["trainer.max_steps=4", "eval.enabled=false"]
 ADD = ["method.stages=[domain,router]", "method.add_domains=[report_generation]"]

@@ -10,8 +10,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 from tests.test_config import moelora
+
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
 
 SMALL = [
     "model.tiny.hidden_size=64",

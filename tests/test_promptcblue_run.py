@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moelora.train.loop import train
 from tests.conftest import compose_config
 from tests.test_train import SMALL
+
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
 
 TASKS = {
     "CMeEE-V2",

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from moelora.train.loop import train
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
+
 SMALL = [
     "+experiment=demo",
     "model.tiny.hidden_size=64",
@@ -173,7 +175,7 @@ def test_modula_trains_its_stages_in_order(tmp_path) -> None:
         for name in ("step-00000004", "step-00000012")
     )
     universal = [k for k in first if "lora_B_0" in k]
-    router = [k for k in first if "router" in k or "gate" in k]
+    router = [k for k in first if ".gate.router." in k]
     assert universal and router
     for key in universal:  # frozen after the universal stage
         torch.testing.assert_close(first[key], last[key])
@@ -207,3 +209,49 @@ def test_force_domain_is_refused_for_other_methods(tmp_path) -> None:
 
     with pytest.raises(UserError, match="eval.force_domain=true is for modula/modula_res"):
         run(tmp_path, "method=lora", "eval.force_domain=true")
+
+
+def test_each_epoch_draws_a_new_order_and_resume_skips_within_it() -> None:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from moelora.config import MixtureConfig
+    from moelora.data.mixture import MixtureSampler
+    from moelora.train.checkpoint import TrainState
+    from moelora.train.loop import epoch_batches
+
+    sampler = MixtureSampler(["a"] * 6 + ["b"] * 6, MixtureConfig(), seed=0)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(DataLoader(list(range(12)), batch_size=4, sampler=sampler))
+
+    def order(epoch: int, skip: int = 0) -> list[int]:
+        state = TrainState(epoch=epoch, batches_in_epoch=skip)
+        return torch.cat(list(epoch_batches(accelerator, loader, state))).tolist()
+
+    first, second = order(0), order(1)
+    assert first != second and order(1) == second
+    sampler.set_epoch(1)
+    assert second == list(sampler)
+    assert order(1, skip=1) == second[4:]
+
+
+def test_export_of_a_modula_run_gives_the_tasks_domain_expert(tmp_path) -> None:
+    from peft import PeftModel
+
+    from moelora.export import export_command
+    from moelora.modeling import load_base_model
+    from moelora.rundir import load_run
+
+    run(tmp_path / "run", "method=modula_res", "trainer.max_steps=2", "eval.enabled=false")
+    cfg = compose_config("export", [f"run_dir={tmp_path / 'run'}", "task=DEMO-GEN"])
+    cfg.output_dir = str(tmp_path / "export")
+    export_command(cfg)
+    loaded = load_run(tmp_path / "run", cfg.cache_dir, on_cpu=True)
+    loaded.model.set_stage("domain")
+    domain = torch.tensor([loaded.registry.domain_id("DEMO-GEN")])
+    ids = loaded.tokenizer("患者自述头痛。\n请给出就诊建议。\n答：", return_tensors="pt")
+    with torch.no_grad():
+        ours = loaded.model.eval()(**ids, domain_ids=domain).logits
+        base = load_base_model(loaded.model_cfg, loaded.tokenizer, cfg.cache_dir, on_cpu=True)
+        peft = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()(**ids).logits
+    torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-4)

@@ -32,7 +32,7 @@ from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
-from moelora.evaluate.run import eval_loss, inference_stage, score_model
+from moelora.evaluate.run import eval_loss, inference_stage, score_model, with_summary
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
@@ -84,6 +84,9 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=on_cpu,
         mixed_precision=precision,
+        # The schedule counts optimizer steps; accelerate would otherwise step it once per
+        # process per step and finish the cosine early on several GPUs.
+        step_scheduler_with_optimizer=False,
         log_with=loggers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
     )
@@ -103,6 +106,10 @@ def train(raw_cfg: DictConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, extend=earlier)  # earlier ids kept, new appended
+    if cfg.eval.enabled:  # fail now, not after training, on a summary the eval set cannot give
+        with_summary(
+            {"per_task": dict.fromkeys(data.eval["task_dataset"], 0.0)}, cfg.eval.summary_tasks
+        )
     sampler = MixtureSampler(data.train["task_dataset"], cfg.data.mixture, cfg.trainer.seed)
     if earlier is not None and cfg.method.name in MODULA:
         present = {data.registry.domain_of[task] for task in sampler.rows_of}
@@ -110,11 +117,15 @@ def train(raw_cfg: DictConfig) -> dict:
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
 
     base = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
-    model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
+    try:
+        model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
+    except ValueError as err:  # e.g. no module matches method.target_modules
+        raise UserError(str(err)) from None
+    adapter_parameters = model.num_trainable_parameters()
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.to(accelerator.device)
-    say(f"method {cfg.method.name}: {model.num_trainable_parameters():,} trainable parameters")
+    say(f"method {cfg.method.name}: {adapter_parameters:,} adapter parameters")
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +182,7 @@ def train(raw_cfg: DictConfig) -> dict:
     info = {
         "method": cfg.method.name,
         "model": cfg.model.name_or_path,
-        "trainable_parameters": model.num_trainable_parameters(),
+        "trainable_parameters": adapter_parameters,
         "steps": state.global_step,
         "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(tokens / max(seconds, 1e-9)),
@@ -185,6 +196,8 @@ def train(raw_cfg: DictConfig) -> dict:
     if accelerator.is_main_process and cfg.eval.enabled:
         write_report(run_dir, f"moelora run: {cfg.method.name} on {cfg.data.name}", columns, info)
         say((run_dir / "report.md").read_text())
+    elif accelerator.is_main_process:
+        (run_dir / "metrics.json").write_text(json.dumps({"info": info}, indent=2))
     say(f"run directory: {run_dir}")
     accelerator.end_training()
     return {"info": info, **columns}
@@ -277,8 +290,7 @@ def _train_stage(
     tokens, window, window_aux, logged, micro = 0, [], {}, [], []
     prepared.train()
     while state.step < t.max_steps:
-        sampler.set_epoch(state.epoch)
-        for batch in accelerator.skip_first_batches(loader, state.batches_in_epoch):
+        for batch in epoch_batches(accelerator, loader, state):
             state.batches_in_epoch += 1
             micro.append(batch)
             if len(micro) < t.grad_accum:
@@ -316,6 +328,13 @@ def _train_stage(
             state.batches_in_epoch = 0
     bar.close()
     return state, tokens, logged
+
+
+def epoch_batches(accelerator: Accelerator, loader, state: TrainState):
+    """The current epoch's batches not used yet. The epoch goes through the prepared loader:
+    it re-sets its sampler's epoch from its own counter whenever it is iterated."""
+    loader.set_epoch(state.epoch)
+    return accelerator.skip_first_batches(loader, state.batches_in_epoch)
 
 
 def _optimizer_step(
