@@ -72,6 +72,26 @@ def read_init_run(run_dir: str | Path, method: AdapterConfig) -> TaskRegistry:
     return TaskRegistry.load(run_dir / "tasks.json")
 
 
+def check_resume_config(run_dir: str | Path, current: dict) -> None:
+    """On resume, the method and data must be the run's own: a checkpoint's adapter, stages and
+    task ids only fit the config they were made with. Trainer settings may change."""
+    saved_file = Path(run_dir) / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    for group in ("method", "data"):
+        changed = sorted(
+            k
+            for k in set(saved[group]) | set(current[group])
+            if saved[group].get(k) != current[group].get(k)
+        )
+        if changed:
+            raise UserError(
+                f"trainer.resume=true, but {group}.{changed[0]} differs from {saved_file}; "
+                f"resume with the run's own {group} settings."
+            )
+
+
 def load_run(run_dir: str | Path, cache_dir: str, on_cpu: bool) -> LoadedRun:
     """The run's base model with its trained adapter, as the run's own config describes them."""
     run_dir = require_finished_run(run_dir, "run_dir", ("config.yaml", "tasks.json", "adapter"))

@@ -99,6 +99,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path) -> None:
         full / "checkpoints" / "step-00000006", resumed / "checkpoints" / "step-00000006"
     )
     run(resumed, *steps, "trainer.resume=true")
+    from moelora.errors import UserError
+
+    with pytest.raises(UserError, match="method.rank_per_expert differs from"):
+        run(full, *steps, "trainer.resume=true", "method.rank_per_expert=4")
     a = load_file(full / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -34,7 +34,7 @@ from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, inference_stage, score_model, with_summary
 from moelora.modeling import load_base_model, load_tokenizer
-from moelora.rundir import guard_run_dir, read_init_run
+from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -96,6 +96,8 @@ def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
     guard_run_dir(cfg.run_dir, cfg.trainer.resume)
+    if cfg.trainer.resume:
+        check_resume_config(cfg.run_dir, to_container(raw_cfg))
     check_files(cfg.data)
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
