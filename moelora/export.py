@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
 from moelora.adapters import export_peft_adapter, merge_adapter
 from moelora.adapters.config import MODULA
-from moelora.config import ExportConfig
+from moelora.config import ExportConfig, ModelConfig
 from moelora.errors import UserError
 from moelora.rundir import load_run
 
@@ -41,6 +43,9 @@ def export_command(raw: DictConfig) -> None:
             print(f"PEFT LoRA adapter: {out / 'peft'}")
         if "merged" in cfg.formats:
             merged = merge_adapter(run.model, task_id, domain_id=domain_id)
+            saved_dtype = _checkpoint_dtype(run.model_cfg)
+            if saved_dtype is not None:
+                merged.to(saved_dtype)
             merged.save_pretrained(out / "merged")
             run.tokenizer.save_pretrained(out / "merged")
             print(f"merged model: {out / 'merged'}")
@@ -48,3 +53,13 @@ def export_command(raw: DictConfig) -> None:
         raise UserError(str(err)) from None
     info = {"run_dir": cfg.run_dir, "task": cfg.task, "method": run.method, "formats": cfg.formats}
     (out / "export.json").write_text(json.dumps(info, ensure_ascii=False, indent=2))
+
+
+def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype | None:
+    """The dtype a real checkpoint was saved in (a merged model is written back in it; the run
+    may have loaded it in fp32 on a CPU). None for the tiny model."""
+    if cfg.name_or_path == "tiny":
+        return None
+    saved = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    dtype = getattr(saved, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None

@@ -259,3 +259,38 @@ def test_export_of_a_modula_run_gives_the_tasks_domain_expert(tmp_path) -> None:
         base = load_base_model(loaded.model_cfg, loaded.tokenizer, cfg.cache_dir, on_cpu=True)
         peft = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()(**ids).logits
     torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_a_local_checkpoint_trains_and_exports_in_its_own_dtype(tmp_path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moelora.export import export_command
+    from moelora.paths import DATA_DIR
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=745,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    run(
+        tmp_path / "run",
+        f"model.name_or_path={tmp_path / 'ckpt'}",
+        "model.name=local",
+        f"model.tokenizer={DATA_DIR / 'tokenizer'}",
+        "model.dtype=auto",
+        "trainer.max_steps=1",
+        "eval.enabled=false",
+    )
+    cfg = compose_config("export", [f"run_dir={tmp_path / 'run'}", "formats=[merged]"])
+    cfg.output_dir = str(tmp_path / "export")
+    export_command(cfg)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged")
+    assert next(merged.parameters()).dtype == torch.bfloat16
