@@ -83,10 +83,12 @@ class PromptFormatter:
         if len(ids) <= limit or self.cfg.length_policy != "truncate_input":
             return ids, False
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        overhead = len(ids) - len(text_ids)
-        keep = max(limit - overhead, 1)
+        keep = max(limit - (len(ids) - len(text_ids)), 1)
         ids = self.prompt_ids(self.tokenizer.decode(text_ids[-keep:]))
-        return ids[-limit:] if len(ids) > limit else ids, True
+        while len(ids) > limit and keep > 1:  # re-encoding merged differently: keep less input
+            keep = max(keep - (len(ids) - limit), 1)
+            ids = self.prompt_ids(self.tokenizer.decode(text_ids[-keep:]))
+        return ids, True
 
 
 def tokenize_split(

@@ -143,3 +143,18 @@ def test_a_datasets_folder_with_splits_is_a_source(tmp_path: Path, tokenizer) ->
         )
     with pytest.raises(UserError, match="could not load data.dataset="):
         prepare_data(DataConfig(name="t", root=".", dataset=str(tmp_path / "nope")), tokenizer)
+
+
+def test_truncation_keeps_the_chat_header_and_the_question(tmp_path, tokenizer) -> None:
+    from moelora.data.formatting import PromptFormatter
+
+    chat = tokenizer.__class__.from_pretrained(str(DATA_DIR / "tokenizer"))
+    chat.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    cfg = _data(tmp_path, [ROW], [ROW], max_source_length=40)
+    ids, cut = PromptFormatter(chat, cfg).fit_prompt("病史" * 100 + "\n答：")
+    text = chat.decode(ids)
+    assert cut and len(ids) <= 40
+    assert text.startswith("<s>user\n") and text.endswith("答：</s><s>assistant\n")
