@@ -6,6 +6,7 @@ Each command is an ordinary Hydra app, so overrides, `-m` sweeps, `--help`, `--c
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -75,6 +76,14 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
     """`run_dir=X` on `train` also moves Hydra's output dir there, so resuming is one override;
     an existing run there is refused before Hydra writes anything into it."""
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    if command == "train" and not run_dirs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each rank would resolve Hydra's ${now:...} run dir on its own and write elsewhere.
+        print(
+            "moelora train: error: under a distributed launch pass run_dir=<folder> so every "
+            "process writes to the same run directory.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     if command != "train" or not run_dirs:
         return overrides
     from moelora.rundir import guard_run_dir

@@ -109,3 +109,18 @@ def test_unknown_command_is_refused() -> None:
 def test_run_dir_and_cfg_flag_combine(tmp_path) -> None:
     result = moelora("train", "+experiment=demo", f"run_dir={tmp_path}/r", "--cfg", "job")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_distributed_launch_needs_one_run_dir() -> None:
+    import os
+
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "moelora", "train", "+experiment=demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "under a distributed launch pass run_dir=<folder>" in result.stderr
