@@ -21,6 +21,7 @@ from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
 from moelora.evaluate.promptcblue import score_predictions
 from moelora.evaluate.report import write_predictions, write_report
+from moelora.hardware import make_accelerator
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import load_run
 
@@ -101,7 +102,7 @@ def evaluate_command(raw: DictConfig) -> None:
     if cfg.predictions:
         _score_file(cfg, out_dir)
         return
-    accelerator = Accelerator(cpu=cfg.hardware.cpu or not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.hardware)
     if cfg.run_dir:
         run = load_run(cfg.run_dir, cfg.cache_dir, accelerator.device.type == "cpu")
         run.model.set_stage(inference_stage(run.method, cfg.eval.force_domain))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -33,6 +33,7 @@ from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, inference_stage, score_model, with_summary
+from moelora.hardware import make_accelerator
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
@@ -73,25 +74,6 @@ def stages_of(cfg: TrainConfig) -> list[str | None]:
     return list(cfg.method.stages) or [None]
 
 
-def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
-    """Devices, precision and trackers. On a CPU, mixed precision is turned off: bf16 there
-    is emulated and ~30x slower than fp32."""
-    loggers = [name for name in cfg.trainer.log_with if name != "none"]
-    on_cpu = cfg.hardware.cpu or not torch.cuda.is_available()
-    precision = "no" if on_cpu else cfg.hardware.mixed_precision
-    if precision != cfg.hardware.mixed_precision:
-        print(f"no GPU: hardware.mixed_precision={cfg.hardware.mixed_precision} becomes fp32")
-    return Accelerator(
-        cpu=on_cpu,
-        mixed_precision=precision,
-        # The schedule counts optimizer steps; accelerate would otherwise step it once per
-        # process per step and finish the cosine early on several GPUs.
-        step_scheduler_with_optimizer=False,
-        log_with=loggers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
-    )
-
-
 def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
@@ -102,7 +84,7 @@ def train(raw_cfg: DictConfig) -> dict:
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     run_dir = Path(cfg.run_dir)
-    accelerator = make_accelerator(cfg, run_dir)
+    accelerator = make_accelerator(cfg.hardware, run_dir, cfg.trainer.log_with)
     set_seed(cfg.trainer.seed)
     say = accelerator.print
 
