@@ -9,6 +9,7 @@ from statistics import mean
 
 import torch
 from datasets import Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from moelora.config import DataConfig
@@ -150,6 +151,21 @@ def pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
         for s in sequences
     ]
     return torch.tensor(padded, dtype=torch.long)
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the LM loss is taken over: labels after the one-token shift, minus ignored ones."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def loss_loader(rows: Dataset, batch_size: int, pad_id: int, **kwargs) -> DataLoader:
+    """Batches of token ids, labels and routing ids for a teacher-forced loss (train or eval)."""
+    return DataLoader(
+        rows.select_columns(["input_ids", "labels", "task_ids", "domain_ids"]),
+        batch_size=batch_size,
+        collate_fn=TrainCollator(pad_id),
+        **kwargs,
+    )
 
 
 class TrainCollator:

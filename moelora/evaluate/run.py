@@ -10,11 +10,10 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from moelora.adapters.config import MODULA
 from moelora.config import EvalRunConfig, TrainConfig
-from moelora.data.formatting import TrainCollator
+from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.pipeline import prepare_data, read_eval_rows
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
@@ -80,16 +79,11 @@ def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) 
     """Teacher-forced LM loss on the eval set, averaged over answer tokens."""
     model.eval()
     pad_id = accelerator.unwrap_model(model).base_model.config.pad_token_id or 0
-    loader = DataLoader(
-        rows.select_columns(["input_ids", "labels", "task_ids", "domain_ids"]),
-        batch_size=cfg.eval.batch_size,
-        collate_fn=TrainCollator(pad_id),
-    )
     total, count = 0.0, 0
-    for batch in loader:
+    for batch in loss_loader(rows, cfg.eval.batch_size, pad_id):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         out = model(**batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = answer_tokens(batch)
         total += float(out.lm_loss) * n
         count += n
     model.train()

@@ -19,14 +19,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from moelora.adapters import AdaptedModel, load_adapter_weights, save_adapter
 from moelora.adapters.config import MODULA
 from moelora.config import TrainConfig, to_container
-from moelora.data.formatting import TrainCollator
+from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.mixture import MixtureSampler, balanced_over_domains
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
@@ -237,11 +236,11 @@ def _train_stage(
     Returns the state, the tokens seen and the logged (windowed) training losses."""
     t = cfg.trainer
     accelerator.free_memory()
-    loader = DataLoader(
-        data.train.select_columns(["input_ids", "labels", "task_ids", "domain_ids"]),
-        batch_size=t.batch_size,
+    loader = loss_loader(
+        data.train,
+        t.batch_size,
+        model.base_model.config.pad_token_id or 0,
         sampler=sampler,
-        collate_fn=TrainCollator(model.base_model.config.pad_token_id or 0),
         # Its own generator: creating an iterator would otherwise draw from the global RNG and
         # shift dropout masks after a resume.
         generator=torch.Generator().manual_seed(t.seed),
@@ -331,7 +330,7 @@ def _optimizer_step(
     big batch (a mean of per-micro-batch means would not). Aux losses are averaged over the
     micro-batches. Returns the step's LM loss, its aux losses and the tokens it saw.
     """
-    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+    counts = [answer_tokens(b) for b in micro]
     local = torch.tensor(sum(counts), device=accelerator.device)
     total = int(accelerator.reduce(local, reduction="sum"))
     world = accelerator.num_processes
