@@ -73,8 +73,7 @@ def prepare_data(
     train = None
     if registry is None:
         rows = read_split(cfg, "train")
-        types = dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
-        registry = TaskRegistry.build(types, cfg.domains)
+        registry = TaskRegistry.from_rows(rows, cfg.domains)
         if extend is not None:
             registry = extend.extend(registry)
         train, reports["train"] = tokenize_split(rows, formatter, registry, "train", True)

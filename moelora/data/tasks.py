@@ -32,6 +32,12 @@ class TaskRegistry:
             )
 
     @classmethod
+    def from_rows(cls, rows, domains: dict[str, str] | None = None) -> TaskRegistry:
+        """The registry of the tasks in `rows` (a Dataset with task_dataset and task_type)."""
+        types = dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
+        return cls.build(types, domains)
+
+    @classmethod
     def build(
         cls, task_types: dict[str, str], domains: dict[str, str] | None = None
     ) -> TaskRegistry:

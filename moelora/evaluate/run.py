@@ -12,7 +12,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from moelora.adapters.config import MODULA
-from moelora.config import EvalRunConfig, TrainConfig
+from moelora.config import EvalConfig, EvalRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.pipeline import prepare_data, read_eval_rows
 from moelora.data.tasks import TaskRegistry
@@ -55,23 +55,23 @@ def score_model(
     model: torch.nn.Module,
     tokenizer,
     rows: Dataset,
-    cfg: TrainConfig | EvalRunConfig,
+    eval_cfg: EvalConfig,
+    max_target_length: int,
     accelerator: Accelerator,
     label: str,
-    out_dir: Path | None = None,
-) -> tuple[dict, list[str]]:
-    """Generate greedily for every eval row and score per task; writes predictions_<label>.jsonl
-    into `out_dir` (default: the run directory)."""
-    max_new = cfg.eval.max_new_tokens or cfg.data.max_target_length
+    out_dir: Path,
+) -> dict:
+    """Generate greedily for every eval row and score per task; writes
+    predictions_<label>.jsonl into `out_dir`."""
+    max_new = eval_cfg.max_new_tokens or max_target_length
     predictions = generate_answers(
-        model, tokenizer, rows, cfg.eval.batch_size, max_new, accelerator, f"scoring ({label})"
+        model, tokenizer, rows, eval_cfg.batch_size, max_new, accelerator, f"scoring ({label})"
     )
-    scores = with_summary(score_predictions(list(rows), predictions), cfg.eval.summary_tasks)
-    directory = out_dir or Path(getattr(cfg, "run_dir", None) or cfg.output_dir)
+    scores = with_summary(score_predictions(list(rows), predictions), eval_cfg.summary_tasks)
     if accelerator.is_main_process:
-        directory.mkdir(parents=True, exist_ok=True)
-        write_predictions(directory / f"predictions_{label}.jsonl", rows, predictions)
-    return scores, predictions
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_predictions(out_dir / f"predictions_{label}.jsonl", rows, predictions)
+    return scores
 
 
 @torch.no_grad()
@@ -108,21 +108,19 @@ def evaluate_command(raw: DictConfig) -> None:
             cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu"
         )
         data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
-        rows = read_eval_rows(data_cfg)
-        registry = TaskRegistry.build(
-            dict(zip(rows["task_dataset"], rows["task_type"], strict=True))
-        )
+        registry = TaskRegistry.from_rows(read_eval_rows(data_cfg))
     data = prepare_data(data_cfg, tokenizer, registry)
     model.to(accelerator.device)
-    scored = EvalRunConfig(
-        model=cfg.model,
-        data=data_cfg,
-        hardware=cfg.hardware,
-        eval=cfg.eval,
-        output_dir=str(out_dir),
-        cache_dir=cfg.cache_dir,
+    scores = score_model(
+        model,
+        tokenizer,
+        data.eval,
+        cfg.eval,
+        data_cfg.max_target_length,
+        accelerator,
+        "eval",
+        out_dir,
     )
-    scores, _ = score_model(model, tokenizer, data.eval, scored, accelerator, "eval", out_dir)
     if accelerator.is_main_process:
         write_report(out_dir, f"moelora eval: {title}", {"score": scores}, {"source": title})
         print((out_dir / "report.md").read_text())

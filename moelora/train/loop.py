@@ -124,7 +124,16 @@ def train(raw_cfg: DictConfig) -> dict:
     before_file = run_dir / "scores_before.json"
     if cfg.eval.enabled and cfg.eval.before and not before_file.exists():
         # Every method starts with B = 0, so the untrained adapted model is exactly its base.
-        before, _ = score_model(model, tokenizer, data.eval, cfg, accelerator, "before")
+        before = score_model(
+            model,
+            tokenizer,
+            data.eval,
+            cfg.eval,
+            cfg.data.max_target_length,
+            accelerator,
+            "before",
+            run_dir,
+        )
         if accelerator.is_main_process:
             before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
     if init_from:  # after the "before" row, which stays the base model's
@@ -175,7 +184,16 @@ def train(raw_cfg: DictConfig) -> dict:
     }
     columns = {"before": _read_json(before_file)}
     if cfg.eval.enabled:
-        columns["after"], _ = score_model(model, tokenizer, data.eval, cfg, accelerator, "after")
+        columns["after"] = score_model(
+            model,
+            tokenizer,
+            data.eval,
+            cfg.eval,
+            cfg.data.max_target_length,
+            accelerator,
+            "after",
+            run_dir,
+        )
     if accelerator.is_main_process and cfg.eval.enabled:
         write_report(run_dir, f"moelora run: {cfg.method.name} on {cfg.data.name}", columns, info)
         say((run_dir / "report.md").read_text())
