@@ -82,12 +82,26 @@ class DataConfig:
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
 
+STRATEGIES = ("single", "ddp", "deepspeed")
+LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
+
+
 @dataclass
 class HardwareConfig:
+    """How a run uses the machine(s): device, precision, process layout and engine."""
+
     name: str = MISSING
     cpu: bool = False  # force CPU even where a GPU is present
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    num_processes: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (turned off on a CPU)
+    strategy: str = "single"  # single | ddp | deepspeed
+    num_processes: int = 1  # per machine (torchrun's --nproc_per_node)
+    num_machines: int = 1
+    launcher: str = "accelerate"  # accelerate | torchrun | deepspeed: the command to launch with
+    main_process_port: int = 29500
+    # A DeepSpeed config (strategy=deepspeed); batch, accumulation, clipping, precision and the
+    # model-size buckets may be "auto" and are filled from trainer/model settings.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    quantization: str | None = None  # nf4: a bitsandbytes 4-bit base under the adapters (QLoRA)
 
 
 @dataclass
@@ -171,6 +185,15 @@ def register_configs() -> None:
     cs.store(name="export_schema", node=ExportConfig)
     if not OmegaConf.has_resolver("moelora_data"):
         OmegaConf.register_new_resolver("moelora_data", lambda sub="": str(DATA_DIR / sub))
+    if not OmegaConf.has_resolver("moelora_devices"):
+        OmegaConf.register_new_resolver("moelora_devices", _visible_gpus)
+
+
+def _visible_gpus() -> int:
+    """Processes per machine for the multi-device presets: every visible GPU (1 without one)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

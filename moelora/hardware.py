@@ -1,33 +1,175 @@
-"""The hardware strategy as an `Accelerator`: device, precision and trackers from `hardware=`."""
+"""The hardware strategy as an `Accelerator`: device, precision, DDP or DeepSpeed ZeRO, trackers,
+and the few places where ZeRO-3's partitioned parameters need gathering."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 
-from moelora.config import HardwareConfig
+from moelora.config import LAUNCHERS, STRATEGIES, HardwareConfig, TrainerConfig
+from moelora.errors import UserError
+
+DEEPSPEED_FILE = "deepspeed.json"
+# DeepSpeed keys sized from the model's hidden size h, as accelerate and transformers fill them.
+_SIZED_BY_HIDDEN = {
+    "reduce_bucket_size": lambda h: h * h,
+    "allgather_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def on_cpu(hardware: HardwareConfig) -> bool:
+    return hardware.cpu or not torch.cuda.is_available()
+
+
+def check_hardware(hardware: HardwareConfig) -> None:
+    """Stop on a contradictory hardware preset before anything is loaded."""
+    if hardware.strategy not in STRATEGIES:
+        raise UserError(f"hardware.strategy='{hardware.strategy}' is unknown; use {STRATEGIES}.")
+    if hardware.launcher not in LAUNCHERS:
+        raise UserError(f"hardware.launcher='{hardware.launcher}' is unknown; use {LAUNCHERS}.")
+    if hardware.strategy == "deepspeed" and not hardware.deepspeed.get("zero_optimization"):
+        raise UserError(
+            "hardware.strategy=deepspeed needs hardware.deepspeed.zero_optimization; start from "
+            "hardware=zero2 or hardware=zero3."
+        )
+    if hardware.quantization not in (None, "nf4"):
+        raise UserError(f"hardware.quantization='{hardware.quantization}' is unknown; use nf4.")
+    if hardware.quantization and hardware.strategy == "deepspeed":
+        raise UserError(
+            "a 4-bit base (hardware.quantization=nf4) cannot be partitioned by DeepSpeed; use "
+            "hardware=qlora_4bit with hardware.strategy=single or ddp."
+        )
+    if hardware.num_processes < 1 or hardware.num_machines < 1:
+        raise UserError("hardware.num_processes and hardware.num_machines must be at least 1.")
+
+
+def world_size() -> int:
+    """Processes in this run, as the launcher set them (1 outside a distributed launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_config(
+    hardware: HardwareConfig, trainer: TrainerConfig, precision: str, processes: int
+) -> dict[str, Any]:
+    """hardware.deepspeed with its `auto` values filled from the trainer settings; a concrete
+    value that contradicts them stops (the trainer's settings are the single source of truth)."""
+    config = copy.deepcopy(hardware.deepspeed)
+    wanted = {
+        "train_micro_batch_size_per_gpu": trainer.batch_size,
+        "gradient_accumulation_steps": trainer.grad_accum,
+        "train_batch_size": trainer.batch_size * trainer.grad_accum * processes,
+        "gradient_clipping": trainer.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise UserError(
+                f"hardware.deepspeed.{key}={given} contradicts the trainer settings ({value}); "
+                f"set it to auto and change trainer.* instead."
+            )
+        config[key] = value
+    for name in ("bf16", "fp16"):
+        config[name] = {**config.get(name, {}), "enabled": precision == name}
+    return config
+
+
+def fill_model_sizes(config: dict[str, Any], hidden_size: int) -> None:
+    """Fill the bucket sizes left `auto` from the base model's hidden size (in place)."""
+    zero = config.get("zero_optimization", {})
+    for key, size in _SIZED_BY_HIDDEN.items():
+        if zero.get(key) == "auto":
+            zero[key] = size(hidden_size)
 
 
 def make_accelerator(
-    hardware: HardwareConfig, run_dir: Path | None = None, loggers: list[str] | None = None
+    hardware: HardwareConfig,
+    run_dir: Path | None = None,
+    loggers: list[str] | None = None,
+    trainer: TrainerConfig | None = None,
+    zero3_init: bool = True,
 ) -> Accelerator:
-    """On a CPU, mixed precision is turned off: bf16 there is emulated and ~30x slower than fp32.
-    The LR schedule counts optimizer steps, so accelerate must not step it once per process."""
-    on_cpu = hardware.cpu or not torch.cuda.is_available()
-    precision = "no" if on_cpu else hardware.mixed_precision
+    """On a CPU, mixed precision is turned off (bf16 there is emulated and ~30x slower) and the
+    process group uses gloo (accelerate picks none without a GPU). The LR schedule counts
+    optimizer steps, so accelerate must not step it once per process. DeepSpeed (training only,
+    `trainer` given) is configured from hardware.deepspeed; `zero3_init` loads a checkpoint
+    straight into ZeRO-3 partitions (off for a model built in-process, such as `tiny`)."""
+    check_hardware(hardware)
+    cpu = on_cpu(hardware)
+    precision = "no" if cpu else hardware.mixed_precision
     if precision != hardware.mixed_precision:
         print(f"no GPU: hardware.mixed_precision={hardware.mixed_precision} becomes fp32")
     loggers = [name for name in loggers or [] if name != "none"]
     project = None
     if run_dir is not None:
         project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and world_size() > 1 else []
+    plugin = None
+    accumulation = None
+    if trainer is not None:
+        accumulation = GradientAccumulationPlugin(
+            num_steps=trainer.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
+        )
+        if hardware.strategy == "deepspeed":
+            config = deepspeed_config(hardware, trainer, precision, world_size())
+            stage3 = config["zero_optimization"].get("stage") == 3
+            plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3 and zero3_init)
     return Accelerator(
-        cpu=on_cpu,
+        cpu=cpu and plugin is None,
         mixed_precision=precision,
         step_scheduler_with_optimizer=False,
+        gradient_accumulation_plugin=accumulation,
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
         log_with=loggers or None,
         project_config=project,
     )
+
+
+def deepspeed_of(accelerator: Accelerator) -> dict[str, Any] | None:
+    """The live DeepSpeed config of this run (None without DeepSpeed)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.deepspeed_config if plugin is not None else None
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    config = deepspeed_of(accelerator)
+    return bool(config) and config["zero_optimization"].get("stage") == 3
+
+
+def save_deepspeed_config(accelerator: Accelerator, run_dir: Path) -> None:
+    """Keep the DeepSpeed JSON the run used, every `auto` resolved."""
+    config = deepspeed_of(accelerator)
+    if config is not None and accelerator.is_main_process:
+        (run_dir / DEEPSPEED_FILE).write_text(json.dumps(config, indent=2))
+
+
+@contextlib.contextmanager
+def gathered(
+    accelerator: Accelerator, params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None
+) -> Iterator[None]:
+    """Whole tensors for `params` inside the block; a no-op except under ZeRO-3, where every
+    process must enter it (a collective). With `modifier_rank`, that rank's in-place changes are
+    written back to the partitions on exit."""
+    if not is_zero3(accelerator):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
+        yield

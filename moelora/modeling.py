@@ -9,14 +9,17 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from peft import prepare_model_for_kbit_training
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -62,21 +65,49 @@ def resolve_dtype(name: str, on_cpu: bool) -> torch.dtype:
 
 
 def load_base_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: str, on_cpu: bool
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: str,
+    on_cpu: bool,
+    quantization: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """The frozen base the adapters go on."""
+    """The frozen base the adapters go on; `quantization=nf4` loads it in bitsandbytes 4-bit on
+    `device` (QLoRA), ready for adapters on top."""
     dtype = resolve_dtype(cfg.dtype, on_cpu)
     if cfg.name_or_path == "tiny":
-        return build_tiny_model(cfg.tiny, tokenizer, Path(cache_dir)).to(dtype)
+        model = build_tiny_model(cfg.tiny, tokenizer, Path(cache_dir)).to(dtype)
+        if not quantization:
+            return model
+        with tempfile.TemporaryDirectory() as folder:  # bitsandbytes quantises while loading
+            model.save_pretrained(folder)
+            return _load(folder, cfg, dtype, quantization, device)
+    return _load(cfg.name_or_path, cfg, dtype, quantization, device)
+
+
+def _load(
+    name: str, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, device
+) -> PreTrainedModel:
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantization:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": str(device)}
     try:
-        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as err:
-        raise UserError(_offline_hint("model", cfg.name_or_path, "model.name_or_path")) from err
+        raise UserError(_offline_hint("model", name, "model.name_or_path")) from err
     except ValueError as err:  # e.g. custom code without model.trust_remote_code=true
-        raise UserError(f"could not load model '{cfg.name_or_path}': {err}") from None
+        raise UserError(f"could not load model '{name}': {err}") from None
+    if quantization:  # norms and embeddings in fp32, every base weight frozen (PEFT's recipe)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
 
 
 def _tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):

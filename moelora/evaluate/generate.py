@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from moelora.adapters import AdaptedModel
 from moelora.data.formatting import pad
+from moelora.hardware import is_zero3
 
 
 @torch.no_grad()
@@ -23,15 +25,25 @@ def generate_answers(
     desc: str = "generating",
 ) -> list[str]:
     """The decoded answer for each row, in order. Rows are sorted by prompt length so batches
-    pad little; an adapted model gets each row's task/domain ids, as in training."""
+    pad little; an adapted model gets each row's task/domain ids, as in training.
+
+    The batches are shared out between the processes and the answers gathered. Every process
+    runs the same number of generate calls (the last may repeat a batch whose answers are
+    dropped), because under ZeRO-3 each forward gathers parameters from all of them."""
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
-    answers: dict[int, str] = {}
+    answers: list[tuple[int, str]] = []
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(model)
     routed = isinstance(unwrapped, AdaptedModel)  # a bare base model takes no task ids
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process):
+    world = accelerator.num_processes
+    mine = batches[accelerator.process_index :: world]
+    repeats = batches[-1:] * (-(-len(batches) // world) - len(mine))  # up to ceil(n / world)
+    synced = is_zero3(accelerator) and world > 1
+    for number, batch in enumerate(
+        tqdm(mine + repeats, desc=desc, disable=not accelerator.is_local_main_process)
+    ):
         prompts = [rows[i]["prompt_ids"] for i in batch]
         input_ids = pad(prompts, tokenizer.pad_token_id, left=True).to(device)
         attention_mask = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
@@ -50,10 +62,11 @@ def generate_answers(
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
         )
-        new_tokens = output[:, input_ids.shape[1] :]
-        for i, text in zip(
-            batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-        ):
-            answers[i] = text.strip()
-    return [answers[i] for i in range(len(rows))]
+        if number >= len(mine):
+            continue  # a repeat that only keeps the processes in step
+        texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+        answers += [(i, text.strip()) for i, text in zip(batch, texts, strict=True)]
+    found = dict(gather_object(answers))
+    return [found[i] for i in range(len(rows))]

@@ -12,6 +12,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from moelora.hardware import deepspeed_of, gathered
+
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.json"
 
@@ -29,10 +31,12 @@ class TrainState:
 
 class Checkpointer:
     """Saves and restores through `accelerator.save_state`/`load_state`, with hooks that swap the
-    full model weights (never written) for the adapter's own tensors."""
+    full model weights (never written) for the adapter's own tensors. Every process must call
+    `save` (under ZeRO-3 the adapter is gathered from all of them)."""
 
     def __init__(self, accelerator: Accelerator, model, root: Path, keep: int) -> None:
         self.accelerator, self.model, self.root, self.keep = accelerator, model, root, keep
+        self._deepspeed = deepspeed_of(accelerator) is not None
         accelerator.register_save_state_pre_hook(self._skip_model_weights)
         accelerator.register_load_state_pre_hook(self._skip_model_load)
 
@@ -55,13 +59,17 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
+        # DeepSpeed writes its own engine checkpoint: keep the frozen base out of it.
+        deepspeed = {"exclude_frozen_parameters": True} if self._deepspeed else {}
+        self.accelerator.save_state(str(tmp), **deepspeed)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with gathered(self.accelerator, [p for _, p in unwrapped.named_adapter_parameters()]):
+            if self.accelerator.is_main_process:
+                save_file(
+                    {k: v.contiguous().cpu() for k, v in unwrapped.adapter_state_dict().items()},
+                    tmp / ADAPTER_FILE,
+                )
         if self.accelerator.is_main_process:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            save_file(
-                {k: v.contiguous() for k, v in unwrapped.adapter_state_dict().items()},
-                tmp / ADAPTER_FILE,
-            )
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -76,8 +84,13 @@ class Checkpointer:
         return TrainState(**json.loads((found[-1] / STATE_FILE).read_text())) if found else None
 
     def load_latest(self) -> TrainState:
+        """Restore the newest checkpoint. Under DeepSpeed the engine restores the adapter with
+        its optimizer partitions (the frozen base was left out, hence non-strict)."""
         latest = self.checkpoints()[-1]
-        self.accelerator.load_state(str(latest))
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.load_adapter_state_dict(load_file(latest / ADAPTER_FILE))
+        if self._deepspeed:
+            self.accelerator.load_state(str(latest), load_module_strict=False)
+        else:
+            self.accelerator.load_state(str(latest))
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped.load_adapter_state_dict(load_file(latest / ADAPTER_FILE))
         return TrainState(**json.loads((latest / STATE_FILE).read_text()))

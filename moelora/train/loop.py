@@ -8,16 +8,17 @@ Launch: `moelora train +experiment=demo` on one device, or through a distributed
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -32,7 +33,16 @@ from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, inference_stage, score_model, with_summary
-from moelora.hardware import make_accelerator
+from moelora.hardware import (
+    check_hardware,
+    deepspeed_of,
+    fill_model_sizes,
+    gathered,
+    is_zero3,
+    make_accelerator,
+    save_deepspeed_config,
+)
+from moelora.launch import launch, needs_launch
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
@@ -65,7 +75,18 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
             "method.stages (method.stages=[domain,router])."
         )
     inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
+    check_hardware(cfg.hardware)
+    if cfg.hardware.strategy == "deepspeed" and (len(cfg.method.stages) > 1 or init_from_set(cfg)):
+        raise UserError(
+            "under DeepSpeed a run trains one stage from scratch (the engine owns the optimizer "
+            "and the weights); run MoDULA's stages as separate runs, one method.stages=[...] "
+            "each, or use hardware=ddp."
+        )
     return cfg  # type: ignore[return-value]
+
+
+def init_from_set(cfg: TrainConfig) -> bool:
+    return bool(cfg.trainer.init_adapter_from)
 
 
 def stages_of(cfg: TrainConfig) -> list[str | None]:
@@ -76,6 +97,14 @@ def stages_of(cfg: TrainConfig) -> list[str | None]:
 def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
+    if needs_launch(cfg.hardware):
+        if not HydraConfig.initialized():
+            raise UserError(
+                f"hardware.num_processes={cfg.hardware.num_processes} needs a distributed launch; "
+                f"start it with the moelora command, which launches the processes."
+            )
+        launch(cfg.hardware, list(HydraConfig.get().overrides.task), cfg.run_dir)
+        return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
     guard_run_dir(cfg.run_dir, cfg.trainer.resume)
     if cfg.trainer.resume:
         check_resume_config(cfg.run_dir, to_container(raw_cfg))
@@ -83,7 +112,13 @@ def train(raw_cfg: DictConfig) -> dict:
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     run_dir = Path(cfg.run_dir)
-    accelerator = make_accelerator(cfg.hardware, run_dir, cfg.trainer.log_with)
+    accelerator = make_accelerator(
+        cfg.hardware,
+        run_dir,
+        cfg.trainer.log_with,
+        cfg.trainer,
+        zero3_init=cfg.model.name_or_path != "tiny",  # tiny is built in-process, not loaded
+    )
     set_seed(cfg.trainer.seed)
     say = accelerator.print
 
@@ -99,7 +134,14 @@ def train(raw_cfg: DictConfig) -> dict:
         check_added_domains(earlier.domains, present, cfg.method.add_domains)
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
 
-    base = load_base_model(cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu")
+    base = load_base_model(
+        cfg.model,
+        tokenizer,
+        cfg.cache_dir,
+        accelerator.device.type == "cpu",
+        cfg.hardware.quantization,
+        accelerator.device,
+    )
     try:
         model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
     except ValueError as err:  # e.g. no module matches method.target_modules
@@ -107,13 +149,17 @@ def train(raw_cfg: DictConfig) -> dict:
     adapter_parameters = model.num_trainable_parameters()
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    model.to(accelerator.device)
+    if not cfg.hardware.quantization:  # a 4-bit base is placed while loading
+        model.to(accelerator.device)
+    if deepspeed_of(accelerator) is not None:
+        fill_model_sizes(deepspeed_of(accelerator), base.config.hidden_size)
     say(f"method {cfg.method.name}: {adapter_parameters:,} adapter parameters")
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(raw_cfg)))
         data.registry.save(run_dir / "tasks.json")
+    save_deepspeed_config(accelerator, run_dir)
     accelerator.init_trackers("train", config=_flat_hparams(raw_cfg))
     accelerator.log({f"data/mix/{t}": n / len(sampler) for t, n in sampler.counts.items()}, step=0)
 
@@ -122,10 +168,13 @@ def train(raw_cfg: DictConfig) -> dict:
     )
     resume_from = checkpointer.latest_state() if cfg.trainer.resume else None
     before_file = run_dir / "scores_before.json"
-    if cfg.eval.enabled and cfg.eval.before and not before_file.exists():
-        # Every method starts with B = 0, so the untrained adapted model is exactly its base.
+
+    def score_before(prepared: torch.nn.Module) -> None:
+        """Every method starts with B = 0, so the untrained adapted model is exactly its base."""
+        if not (cfg.eval.enabled and cfg.eval.before) or before_file.exists():
+            return
         before = score_model(
-            model,
+            prepared,
             tokenizer,
             data.eval,
             cfg.eval,
@@ -136,6 +185,11 @@ def train(raw_cfg: DictConfig) -> dict:
         )
         if accelerator.is_main_process:
             before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
+
+    # Under ZeRO-3 a loaded base is partitioned and runs only once the engine has hooked it.
+    score_after_prepare = is_zero3(accelerator)
+    if not score_after_prepare:
+        score_before(model)
     if init_from:  # after the "before" row, which stays the base model's
         _init_adapter(say, model, init_from)
     added = [data.registry.domains.index(d) for d in cfg.method.add_domains]
@@ -159,18 +213,20 @@ def train(raw_cfg: DictConfig) -> dict:
             state,
             stage,
             resume_here,
+            score_before if score_after_prepare else None,
         )
         tokens += stage_tokens
         losses += stage_losses
     seconds = time.perf_counter() - started
     model.set_stage(inference_stage(cfg.method.name, cfg.eval.force_domain))
 
-    if accelerator.is_main_process:
-        save_adapter(
-            accelerator.unwrap_model(model),
-            run_dir / "adapter",
-            {"tasks": data.registry.to_dict(), "base_model": cfg.model.name_or_path},
-        )
+    with gathered(accelerator, [p for _, p in model.named_adapter_parameters()]):
+        if accelerator.is_main_process:
+            save_adapter(
+                accelerator.unwrap_model(model),
+                run_dir / "adapter",
+                {"tasks": data.registry.to_dict(), "base_model": cfg.model.name_or_path},
+            )
     info = {
         "method": cfg.method.name,
         "model": cfg.model.name_or_path,
@@ -249,8 +305,10 @@ def _train_stage(
     state: TrainState,
     stage: str | None,
     resume: bool,
+    on_prepared: Callable[[torch.nn.Module], None] | None = None,
 ) -> tuple[TrainState, int, list[float]]:
     """One stage: a fresh optimizer over what the stage trains, `trainer.max_steps` steps.
+    `on_prepared` runs once the model is prepared (wrapped or partitioned), before any step.
     Returns the state, the tokens seen and the logged (windowed) training losses."""
     t = cfg.trainer
     accelerator.free_memory()
@@ -275,6 +333,8 @@ def _train_stage(
     prepared, optimizer, loader, scheduler = accelerator.prepare(
         model, optimizer, loader, scheduler
     )
+    if on_prepared is not None:
+        on_prepared(prepared)
     if resume:
         state = checkpointer.load_latest()
         accelerator.print(f"resumed at step {state.global_step} (stage {stage or 'main'})")
@@ -346,20 +406,22 @@ def _optimizer_step(
     The LM loss is normalised by the answer tokens of the whole step on all processes, so any
     split into micro-batches, accumulation steps and processes gives the same gradient as one
     big batch (a mean of per-micro-batch means would not). Aux losses are averaged over the
-    micro-batches. Returns the step's LM loss, its aux losses and the tokens it saw.
+    micro-batches. `accelerator.accumulate` syncs gradients (DDP) or steps the engine
+    (DeepSpeed) on the last micro-batch only; both divide the loss by the accumulation steps,
+    which the scale here undoes, and both average over processes, which `world` undoes.
+    Returns the step's LM loss, its aux losses and the tokens it saw.
     """
     counts = [answer_tokens(b) for b in micro]
     local = torch.tensor(sum(counts), device=accelerator.device)
     total = int(accelerator.reduce(local, reduction="sum"))
-    world = accelerator.num_processes
+    world, steps = accelerator.num_processes, len(micro)
     lm_sum, aux_sums = 0.0, {}
-    for index, (batch, count) in enumerate(zip(micro, counts, strict=True)):
-        last = index == len(micro) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+    for batch, count in zip(micro, counts, strict=True):
+        with accelerator.accumulate(model):
             out = model(**batch)
-            loss = out.lm_loss * (count * world / max(total, 1))
+            loss = out.lm_loss * (count * world * steps / max(total, 1))
             if out.aux_loss is not None:
-                loss = loss + out.aux_loss / len(micro)
+                loss = loss + out.aux_loss
             accelerator.backward(loss)
         lm_sum += float(out.lm_loss.detach()) * count
         for name, value in out.aux_losses.items():
