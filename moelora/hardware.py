@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DeepSpeedPlugin,
+    DistributedType,
     GradientAccumulationPlugin,
     InitProcessGroupKwargs,
     ProjectConfiguration,
@@ -129,7 +130,7 @@ def make_accelerator(
             config = deepspeed_config(hardware, trainer, precision, world_size())
             stage3 = config["zero_optimization"].get("stage") == 3
             plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3 and zero3_init)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu and plugin is None,
         mixed_precision=precision,
         step_scheduler_with_optimizer=False,
@@ -139,6 +140,25 @@ def make_accelerator(
         log_with=loggers or None,
         project_config=project,
     )
+    _check_layout(accelerator, hardware)
+    return accelerator
+
+
+def _check_layout(accelerator: Accelerator, hardware: HardwareConfig) -> None:
+    """Stop when the processes are not what the launch promised: some launcher/flag mixes
+    silently start independent single processes or drop DeepSpeed."""
+    if accelerator.num_processes != world_size():
+        raise UserError(
+            f"the launcher started {world_size()} processes but they do not form one group "
+            f"({accelerator.num_processes} seen); launch through `moelora train` or the "
+            f"command it prints."
+        )
+    uses_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.state.deepspeed_plugin is not None and not uses_deepspeed:
+        raise UserError(
+            f"hardware={hardware.name} asks for DeepSpeed but accelerate did not enable it; "
+            f"unset ACCELERATE_USE_CPU and launch with `moelora train` or the command it prints."
+        )
 
 
 def deepspeed_of(accelerator: Accelerator) -> dict[str, Any] | None:

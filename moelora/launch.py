@@ -32,8 +32,9 @@ def launch_command(
     program = ["-m", "moelora", "train", *_without_run_dir(overrides), f"run_dir={run_dir}"]
     env: dict[str, str] = {}
     cpu = on_cpu(hardware)
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "1"  # multi-process gloo on a machine without GPUs
+    if cpu and hardware.strategy != "deepspeed":
+        # DDP over gloo on a machine without GPUs (DeepSpeed picks its CPU accelerator itself).
+        env["ACCELERATE_USE_CPU"] = "1"
     rendezvous = ["--main_process_ip", "$MAIN_IP"] if machines > 1 else []
     if hardware.launcher == "torchrun":
         nodes = [f"--nnodes={machines}", f"--node_rank={machine_rank}"] if machines > 1 else []

@@ -406,7 +406,7 @@ def _optimizer_step(
     The LM loss is normalised by the answer tokens of the whole step on all processes, so any
     split into micro-batches, accumulation steps and processes gives the same gradient as one
     big batch (a mean of per-micro-batch means would not). Aux losses are averaged over the
-    micro-batches. `accelerator.accumulate` syncs gradients (DDP) or steps the engine
+    micro-batches and processes. `accelerator.accumulate` syncs gradients (DDP) or steps the engine
     (DeepSpeed) on the last micro-batch only; both divide the loss by the accumulation steps,
     which the scale here undoes, and both average over processes, which `world` undoes.
     Returns the step's LM loss, its aux losses and the tokens it saw.
@@ -428,8 +428,15 @@ def _optimizer_step(
             aux_sums[name] = aux_sums.get(name, 0.0) + float(value) / len(micro)
     if max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    seen = sum(int(b["attention_mask"].sum()) for b in micro) * world
-    return lm_sum / max(sum(counts), 1), aux_sums, seen
+    # What is logged covers every process's rows, as one big batch would.
+    names = sorted(aux_sums)
+    seen = sum(int(b["attention_mask"].sum()) for b in micro)
+    stats = torch.tensor(
+        [lm_sum, seen, *(aux_sums[n] for n in names)], dtype=torch.float64, device=local.device
+    )
+    summed = accelerator.reduce(stats, reduction="sum").tolist()
+    aux = {name: value / world for name, value in zip(names, summed[2:], strict=True)}
+    return summed[0] / max(total, 1), aux, int(summed[1])
 
 
 def _describe_data(say, data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):

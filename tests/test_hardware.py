@@ -1,0 +1,244 @@
+"""Hardware presets: DeepSpeed settings from the trainer, the launch commands, the refusals, and
+QLoRA's 4-bit base (bitsandbytes NF4 runs on the CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moelora.adapters import AdaptedModel
+from moelora.config import HardwareConfig, TrainerConfig
+from moelora.errors import UserError
+from moelora.hardware import deepspeed_config, fill_model_sizes
+from moelora.launch import launch, launch_command, needs_launch
+from moelora.modeling import load_base_model, load_tokenizer
+from moelora.train.loop import load_train_config, train
+from tests.conftest import compose_config
+
+PRESETS = ["cpu", "gpu", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "qlora_4bit"]
+
+
+def hardware(name: str, *overrides: str) -> HardwareConfig:
+    cfg = compose_config("train", [f"hardware={name}", *overrides])
+    return OmegaConf.to_object(cfg.hardware)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes_and_validates(name: str) -> None:
+    cfg = load_train_config(compose_config("train", [f"hardware={name}"], Path("unused")))
+    assert cfg.hardware.name == name
+    if name.startswith("zero"):
+        zero = cfg.hardware.deepspeed["zero_optimization"]
+        assert zero["stage"] == int(name[4])
+        assert ("offload_optimizer" in zero) == name.endswith("offload")
+    assert (cfg.hardware.quantization == "nf4") == (name == "qlora_4bit")
+
+
+def test_deepspeed_auto_values_come_from_the_trainer_and_the_model() -> None:
+    trainer = TrainerConfig(batch_size=3, grad_accum=4, max_grad_norm=0.5)
+    config = deepspeed_config(hardware("zero3"), trainer, "bf16", processes=8)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 3 * 4 * 8
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    fill_model_sizes(config, 128)
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 128 * 128
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 128 * 128)
+    assert zero["stage3_param_persistence_threshold"] == 1280
+    assert "auto" not in str(config)
+
+
+def test_a_deepspeed_value_that_contradicts_the_trainer_stops() -> None:
+    hw = hardware("zero2", "hardware.deepspeed.gradient_accumulation_steps=2")
+    with pytest.raises(UserError, match="hardware.deepspeed.gradient_accumulation_steps=2"):
+        deepspeed_config(hw, TrainerConfig(grad_accum=1), "no", processes=2)
+
+
+def test_launch_commands_for_each_launcher() -> None:
+    overrides = ["+experiment=demo", "run_dir=old", "trainer.lr=1e-3"]
+    env, argv = launch_command(hardware("ddp", "hardware.cpu=true"), overrides, "runs/a")
+    assert env == {"ACCELERATE_USE_CPU": "1"}  # DDP over gloo without GPUs
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in argv
+    assert argv[argv.index("--num_processes") + 1] == str(hardware("ddp").num_processes)
+    assert argv[-5:] == [
+        "moelora",
+        "train",
+        "+experiment=demo",
+        "trainer.lr=1e-3",
+        "run_dir=runs/a",
+    ]
+
+    env, argv = launch_command(hardware("zero3", "hardware.num_processes=4"), overrides, "r")
+    assert env == {} and "--use_deepspeed" in argv  # ACCELERATE_USE_CPU would drop DeepSpeed
+    assert argv[argv.index("--num_processes") + 1] == "4"
+
+    _, argv = launch_command(
+        hardware("zero2", "hardware.num_processes=2", "hardware.launcher=torchrun"), [], "r"
+    )
+    assert argv[:2] == ["torchrun", "--nproc_per_node=2"] and argv[-4:-1] == [
+        "-m",
+        "moelora",
+        "train",
+    ]
+
+    _, argv = launch_command(
+        hardware("zero2", "hardware.num_processes=2", "hardware.launcher=deepspeed"), [], "r"
+    )
+    assert argv[:3] == ["deepspeed", "--num_gpus", "2"]
+    assert argv[-4:] == ["--module", "moelora", "train", "run_dir=r"]
+
+
+def test_several_machines_print_one_command_per_machine(capsys) -> None:
+    hw = hardware("zero3", "hardware.num_processes=8", "hardware.num_machines=2")
+    launch(hw, ["+experiment=cmedical"], "/shared/runs/a")
+    printed = capsys.readouterr().out
+    for rank in (0, 1):
+        line = next(s for s in printed.splitlines() if s.strip().startswith(f"machine {rank}:"))
+        assert f"--machine_rank {rank}" in line and "--num_processes 16" in line
+        assert "--main_process_ip $MAIN_IP" in line and "run_dir=/shared/runs/a" in line
+
+
+def test_only_a_process_outside_a_launch_launches(monkeypatch) -> None:
+    assert not needs_launch(hardware("cpu"))
+    assert needs_launch(hardware("ddp", "hardware.num_processes=2"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not needs_launch(hardware("ddp", "hardware.num_processes=2"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["hardware.strategy=fsdp"], "hardware.strategy='fsdp' is unknown"),
+        (["hardware.launcher=mpirun"], "hardware.launcher='mpirun' is unknown"),
+        (["hardware=zero2", "hardware.quantization=nf4"], "cannot be partitioned by DeepSpeed"),
+        (["hardware=zero2", "method=modula"], "run MoDULA's stages as separate runs"),
+        (["hardware=ddp", "hardware.num_processes=2"], "start it with the moelora command"),
+    ],
+)
+def test_contradictory_hardware_settings_stop_with_one_sentence(
+    overrides: list[str], message: str, tmp_path
+) -> None:
+    with pytest.raises(UserError, match=message):
+        train(compose_config("train", ["+experiment=demo", *overrides], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    cfg = load_train_config(
+        compose_config(
+            "train",
+            [
+                "+experiment=demo",
+                "model.tiny.hidden_size=64",
+                "model.tiny.intermediate_size=128",
+                "model.tiny.num_layers=2",
+                "model.tiny.pretrain_steps=0",
+                "method.dropout=0",
+            ],
+            Path("unused"),
+        )
+    )
+    return cfg, load_tokenizer(cfg.model)
+
+
+def _quantized_and_reference(cfg, tokenizer):
+    """The NF4 base, and an fp32 copy holding exactly the weights the NF4 layers dequantize to."""
+    quantized = load_base_model(cfg.model, tokenizer, cfg.cache_dir, True, "nf4", "cpu")
+    reference = load_base_model(cfg.model, tokenizer, cfg.cache_dir, True)
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 2 * 7  # every projection of both blocks
+    for name, layer in layers.items():
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        reference.get_submodule(name).weight.data.copy_(weight)
+    return quantized, reference
+
+
+def test_qlora_adapters_on_nf4_match_the_dequantized_model(tiny_setup) -> None:
+    cfg, tokenizer = tiny_setup
+    quantized, reference = _quantized_and_reference(cfg, tokenizer)
+    a, b = AdaptedModel(quantized, cfg.method, 4), AdaptedModel(reference, cfg.method, 4)
+    torch.manual_seed(0)
+    for (_, p), (_, q) in zip(
+        a.named_adapter_parameters(), b.named_adapter_parameters(), strict=True
+    ):
+        with torch.no_grad():
+            p.normal_(0, 0.1)
+            q.copy_(p)
+    ids = torch.randint(3, len(tokenizer), (4, 12), generator=torch.Generator().manual_seed(1))
+    loss_a = a(input_ids=ids, labels=ids).loss
+    loss_b = b(input_ids=ids, labels=ids).loss
+    loss_a.backward()
+    loss_b.backward()
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-4)
+    for (name, p), (_, q) in zip(
+        a.named_adapter_parameters(), b.named_adapter_parameters(), strict=True
+    ):
+        # 4-bit kernels accumulate in another order; a gradient not flowing through the
+        # quantized layers (to the earlier block's adapters) would be far off, not 2%.
+        assert (p.grad - q.grad).abs().max() <= 0.02 * q.grad.abs().max(), name
+
+
+def _base_tensors(model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """Every base parameter (the packed 4-bit weights included) and each NF4 layer's scales.
+    (`state_dict()` re-packs the double-quantised scales on each call, so it is not used.)"""
+    adapter = {n for n, _ in model.named_adapter_parameters()}
+    tensors = {
+        n: p.detach().as_subclass(torch.Tensor).clone()
+        for n, p in model.named_parameters()
+        if n not in adapter
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            tensors[f"{name}.absmax"] = module.weight.quant_state.absmax.clone()
+    return tensors
+
+
+def test_qlora_training_changes_only_the_adapters(tiny_setup) -> None:
+    cfg, tokenizer = tiny_setup
+    base = load_base_model(cfg.model, tokenizer, cfg.cache_dir, True, "nf4", "cpu")
+    model = AdaptedModel(base, cfg.method, 4)
+    ids = torch.randint(3, len(tokenizer), (4, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # bitsandbytes repacks NF4 weights for its CPU kernel on first use
+        model(input_ids=ids)
+    frozen = _base_tensors(model)
+    adapters = {n: p.detach().clone() for n, p in model.named_adapter_parameters()}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = _base_tensors(model)
+    assert frozen.keys() == after.keys()
+    for name, tensor in frozen.items():
+        assert torch.equal(tensor, after[name]), f"{name} changed"
+    changed = [n for n, p in model.named_adapter_parameters() if not torch.equal(p, adapters[n])]
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
+
+
+@pytest.mark.slow
+def test_qlora_preset_trains_through_the_trainer(tmp_path) -> None:
+    overrides = [
+        "+experiment=demo",
+        "hardware=qlora_4bit",
+        "model.tiny.hidden_size=64",
+        "model.tiny.intermediate_size=128",
+        "model.tiny.num_layers=2",
+        "model.tiny.pretrain_steps=0",
+        "data.max_eval_samples_per_task=2",
+        "trainer.batch_size=8",
+        "trainer.max_steps=20",
+        "trainer.lr=1e-2",
+        "trainer.log_every=5",
+        "trainer.gradient_checkpointing=true",
+        "eval.max_new_tokens=6",
+    ]
+    info = train(compose_config("train", overrides, tmp_path))["info"]
+    assert info["train_loss_last"] < info["train_loss_first"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
