@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import prepare_model_for_kbit_training
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -106,6 +105,8 @@ def _load(
     except ValueError as err:  # e.g. custom code without model.trust_remote_code=true
         raise UserError(f"could not load model '{name}': {err}") from None
     if quantization:  # norms and embeddings in fp32, every base weight frozen (PEFT's recipe)
+        from peft import prepare_model_for_kbit_training  # imports bitsandbytes: only here
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 

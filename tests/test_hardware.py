@@ -242,3 +242,16 @@ def test_qlora_preset_trains_through_the_trainer(tmp_path) -> None:
     info = train(compose_config("train", overrides, tmp_path))["info"]
     assert info["train_loss_last"] < info["train_loss_first"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_slurm_launcher_config_composes_on_submitit() -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install .[slurm]")
+    from hydra import compose, initialize_config_dir
+
+    from moelora.paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 1 and launcher.tasks_per_node == 1 and launcher.gpus_per_node == 8

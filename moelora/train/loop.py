@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -76,17 +77,14 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
         )
     inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
     check_hardware(cfg.hardware)
-    if cfg.hardware.strategy == "deepspeed" and (len(cfg.method.stages) > 1 or init_from_set(cfg)):
+    if cfg.hardware.strategy == "deepspeed" and len(cfg.method.stages) > 1:
         raise UserError(
-            "under DeepSpeed a run trains one stage from scratch (the engine owns the optimizer "
-            "and the weights); run MoDULA's stages as separate runs, one method.stages=[...] "
-            "each, or use hardware=ddp."
+            f"under DeepSpeed a run trains one stage (the engine owns the optimizer and the "
+            f"weights), not method.stages={list(cfg.method.stages)}; run MoDULA's stages as "
+            f"separate runs, method.stages=[universal], then [domain], then [router], each with "
+            f"trainer.init_adapter_from=<the previous run>, or use hardware=ddp."
         )
     return cfg  # type: ignore[return-value]
-
-
-def init_from_set(cfg: TrainConfig) -> bool:
-    return bool(cfg.trainer.init_adapter_from)
 
 
 def stages_of(cfg: TrainConfig) -> list[str | None]:
@@ -186,10 +184,14 @@ def train(raw_cfg: DictConfig) -> dict:
         if accelerator.is_main_process:
             before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
 
-    # Under ZeRO-3 a loaded base is partitioned and runs only once the engine has hooked it.
+    # Under ZeRO-3 a loaded base is partitioned and runs only once the engine has hooked it,
+    # by when an init_adapter_from adapter is in place: then the base is not scored here.
     score_after_prepare = is_zero3(accelerator)
     if not score_after_prepare:
         score_before(model)
+    elif init_from and cfg.eval.enabled and cfg.eval.before:
+        say("ZeRO-3 with init_adapter_from: no 'before' column; score the base with moelora eval")
+        score_after_prepare = False
     if init_from:  # after the "before" row, which stays the base model's
         _init_adapter(say, model, init_from)
     added = [data.registry.domains.index(d) for d in cfg.method.add_domains]
@@ -236,6 +238,7 @@ def train(raw_cfg: DictConfig) -> dict:
         "train_tokens_per_second": round(tokens / max(seconds, 1e-9)),
         "train_loss_first": round(losses[0], 4) if losses else None,
         "train_loss_last": round(losses[-1], 4) if losses else None,
+        **peak_memory(accelerator),
         "final_eval_loss": round(eval_loss(model, data.eval, cfg, accelerator), 4),
     }
     columns = {"before": _read_json(before_file)}
@@ -258,6 +261,14 @@ def train(raw_cfg: DictConfig) -> dict:
     say(f"run directory: {run_dir}")
     accelerator.end_training()
     return {"info": info, **columns}
+
+
+def peak_memory(accelerator: Accelerator) -> dict[str, float]:
+    """Peak memory of rank 0 during training, in GiB: the GPU's allocator and the host RSS."""
+    peaks = {"peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if accelerator.device.type == "cuda":
+        peaks["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    return {key: round(value, 2) for key, value in peaks.items()}
 
 
 def _init_adapter(say, model: AdaptedModel, run_dir: str) -> None:
