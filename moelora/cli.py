@@ -97,8 +97,14 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
     return [f"hydra.run.dir={run_dirs[-1]}", *overrides]  # before any --flag argparse reads
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """`deepspeed` (without --no_local_rank) passes --local_rank=N; LOCAL_RANK in the
+    environment says the same, and Hydra would reject the flag."""
+    return [a for a in argv if not a.startswith("--local_rank=")]
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
         return

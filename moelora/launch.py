@@ -59,6 +59,7 @@ def launch_command(
             str(per_machine),
             "--master_port",
             str(hardware.main_process_port),
+            "--no_local_rank",  # LOCAL_RANK is in the environment; Hydra takes no --flags
             "--module",
             *program[1:],
         ]

@@ -91,7 +91,7 @@ def test_launch_commands_for_each_launcher() -> None:
         hardware("zero2", "hardware.num_processes=2", "hardware.launcher=deepspeed"), [], "r"
     )
     assert argv[:3] == ["deepspeed", "--num_gpus", "2"]
-    assert argv[-4:] == ["--module", "moelora", "train", "run_dir=r"]
+    assert argv[-5:] == ["--no_local_rank", "--module", "moelora", "train", "run_dir=r"]
 
 
 def test_several_machines_print_one_command_per_machine(capsys) -> None:

@@ -259,6 +259,7 @@ def train(raw_cfg: DictConfig) -> dict:
     elif accelerator.is_main_process:
         (run_dir / "metrics.json").write_text(json.dumps({"info": info}, indent=2))
     say(f"run directory: {run_dir}")
+    accelerator.wait_for_everyone()  # then end_training destroys the process group cleanly
     accelerator.end_training()
     return {"info": info, **columns}
 
