@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,11 @@ def make_accelerator(
             num_steps=trainer.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
         )
         if hardware.strategy == "deepspeed":
+            if "LOCAL_RANK" not in os.environ:  # one process, no launcher: a group of one
+                # (DeepSpeed would otherwise look for MPI to discover its peers)
+                single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+                single |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+                os.environ.update(single)
             config = deepspeed_config(hardware, trainer, precision, world_size())
             stage3 = config["zero_optimization"].get("stage") == 3
             plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3 and zero3_init)
@@ -159,6 +165,12 @@ def _check_layout(accelerator: Accelerator, hardware: HardwareConfig) -> None:
             f"hardware={hardware.name} asks for DeepSpeed but accelerate did not enable it; "
             f"unset ACCELERATE_USE_CPU and launch with `moelora train` or the command it prints."
         )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def deepspeed_of(accelerator: Accelerator) -> dict[str, Any] | None:

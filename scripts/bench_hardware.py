@@ -4,9 +4,9 @@ Each preset trains the same model (a Qwen2.5 architecture built from its config,
 the demo data) for a few steps through `moelora train`; the first preset is the baseline of the
 ratio column. Run it alone on the machine: parallel work distorts the timings.
 
-    python scripts/bench_hardware.py                                   # gpu zero2 zero3 qlora_4bit, 0.5B
+    python scripts/bench_hardware.py                    # gpu zero2 zero3 qlora_4bit, 0.5B
     python scripts/bench_hardware.py --size 1.5b --processes 8
-    python scripts/bench_hardware.py --size tiny --presets cpu ddp zero2 zero3 qlora_4bit --processes 2
+    python scripts/bench_hardware.py --size tiny --presets cpu ddp zero2 zero3 --processes 2
 """
 
 from __future__ import annotations

@@ -45,15 +45,16 @@ LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
 ADAPTER_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def launched(run_dir: Path, hardware: str, *overrides: str) -> dict:
-    """`moelora train ... hardware=<hardware> hardware.num_processes=2` as a subprocess."""
+def launched(run_dir: Path, hardware: str, *overrides: str, processes: int = 2) -> dict:
+    """`moelora train ... hardware=<hardware> hardware.num_processes=N` as a subprocess."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": _extensions_dir()}
     command = [sys.executable, "-m", "moelora", "train", *BASE, *overrides]
-    command += [f"hardware={hardware}", "hardware.num_processes=2", f"run_dir={run_dir}"]
+    command += [f"hardware={hardware}", f"hardware.num_processes={processes}"]
+    command += [f"run_dir={run_dir}"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert "launching 2 processes" in done.stdout
-    assert "x 2 processes" in done.stdout + done.stderr, "the run did not see two processes"
+    assert ("launching 2 processes" in done.stdout) == (processes == 2)
+    assert f"x {processes} processes" in done.stdout + done.stderr, "wrong number of processes"
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -107,18 +108,28 @@ def test_two_processes_train_like_one(hardware: str, reference: Path, tmp_path: 
     assert len(rows) == 8
 
 
+def test_one_process_zero3_offload_needs_no_launcher(reference: Path, tmp_path: Path) -> None:
+    """ZeRO-3 with parameters and optimizer states offloaded, in a single process started
+    without any launcher (DeepSpeed gets a group of one instead of looking for MPI)."""
+    run_dir = tmp_path / "zero3_offload"
+    launched(run_dir, "zero3_offload", "trainer.batch_size=8", processes=1)
+    assert_same_training(run_dir, reference)
+    ds = json.loads((run_dir / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
 def test_zero3_routed_experts_accumulation_checkpointing_and_resume(tmp_path: Path) -> None:
     """molora's top-k routing sends each rank's tokens to different experts; the stacked, masked
     computation still runs every expert's parameters, so ZeRO-3's prefetch never waits for a
     module another rank skipped. Micro-batches of 2 x 2 accumulation x 2 processes equal one
-    process's batch of 8, with gradient checkpointing on. Resume from the DeepSpeed checkpoint
-    equals the uninterrupted run."""
+    process's batch of 8, with gradient checkpointing on and an eval-loss pass mid-run. Resume
+    from the DeepSpeed checkpoint equals the uninterrupted run."""
     reference = tmp_path / "single"
     single(reference, *MOLORA, "trainer.batch_size=8")
     full = tmp_path / "zero3"
     saving = ["trainer.save_every=3", "trainer.keep_checkpoints=0"]
     zero3 = [*MOLORA, "trainer.batch_size=2", "trainer.grad_accum=2", *saving]
-    launched(full, "zero3", *zero3, "trainer.gradient_checkpointing=true")
+    launched(full, "zero3", *zero3, "trainer.gradient_checkpointing=true", "trainer.eval_every=3")
     assert_same_training(full, reference)
 
     ds = json.loads((full / "deepspeed.json").read_text())

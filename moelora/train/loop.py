@@ -186,12 +186,12 @@ def train(raw_cfg: DictConfig) -> dict:
 
     # Under ZeRO-3 a loaded base is partitioned and runs only once the engine has hooked it,
     # by when an init_adapter_from adapter is in place: then the base is not scored here.
-    score_after_prepare = is_zero3(accelerator)
-    if not score_after_prepare:
+    on_prepared = score_before if is_zero3(accelerator) else None
+    if on_prepared is None:
         score_before(model)
     elif init_from and cfg.eval.enabled and cfg.eval.before:
         say("ZeRO-3 with init_adapter_from: no 'before' column; score the base with moelora eval")
-        score_after_prepare = False
+        on_prepared = None
     if init_from:  # after the "before" row, which stays the base model's
         _init_adapter(say, model, init_from)
     added = [data.registry.domains.index(d) for d in cfg.method.add_domains]
@@ -215,8 +215,9 @@ def train(raw_cfg: DictConfig) -> dict:
             state,
             stage,
             resume_here,
-            score_before if score_after_prepare else None,
+            on_prepared,
         )
+        on_prepared = None  # the first stage run scores the base, once
         tokens += stage_tokens
         losses += stage_losses
     seconds = time.perf_counter() - started
