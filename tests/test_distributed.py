@@ -151,3 +151,13 @@ def test_zero3_routed_experts_accumulation_checkpointing_and_resume(tmp_path: Pa
     a, b = adapter(full), adapter(resumed)
     for key in a:
         torch.testing.assert_close(b[key], a[key], **ADAPTER_TOL, msg=key)
+
+    # The partitions belong to two processes: one process refuses them, in one sentence.
+    other = tmp_path / "one_process"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, other / "checkpoints" / checkpoint.name)
+    command = [sys.executable, "-m", "moelora", "train", *BASE, *zero3, "trainer.resume=true"]
+    command += ["hardware=zero3", "hardware.num_processes=1", f"run_dir={other}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert "holds ZeRO partitions from 2 processes, this run has 1" in done.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from moelora.errors import UserError
 from moelora.hardware import deepspeed_of, gathered
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -79,9 +80,18 @@ class Checkpointer:
         return final
 
     def latest_state(self) -> TrainState | None:
-        """The newest checkpoint's position, read without loading anything heavy."""
+        """The newest checkpoint's position, read without loading anything heavy. Stops when
+        its ZeRO partitions were written by another number of processes than this run has."""
         found = self.checkpoints()
-        return TrainState(**json.loads((found[-1] / STATE_FILE).read_text())) if found else None
+        if not found:
+            return None
+        saved_by = len(list(found[-1].rglob("*zero_pp_rank_*optim_states.pt")))
+        if self._deepspeed and saved_by != self.accelerator.num_processes:
+            raise UserError(
+                f"{found[-1]} holds ZeRO partitions from {saved_by} processes, this run has "
+                f"{self.accelerator.num_processes}; resume with hardware.num_processes={saved_by}."
+            )
+        return TrainState(**json.loads((found[-1] / STATE_FILE).read_text()))
 
     def load_latest(self) -> TrainState:
         """Restore the newest checkpoint. Under DeepSpeed the engine restores the adapter with
