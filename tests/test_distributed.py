@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -45,8 +46,9 @@ LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
 ADAPTER_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def launched(run_dir: Path, hardware: str, *overrides: str, processes: int = 2) -> dict:
-    """`moelora train ... hardware=<hardware> hardware.num_processes=N` as a subprocess."""
+def launched(run_dir: Path, hardware: str, *overrides: str, processes: int = 2) -> str:
+    """`moelora train ... hardware=<hardware> hardware.num_processes=N` as a subprocess;
+    returns what it printed."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": _extensions_dir()}
     command = [sys.executable, "-m", "moelora", "train", *BASE, *overrides]
     command += [f"hardware={hardware}", f"hardware.num_processes={processes}"]
@@ -55,7 +57,7 @@ def launched(run_dir: Path, hardware: str, *overrides: str, processes: int = 2) 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert ("launching 2 processes" in done.stdout) == (processes == 2)
     assert f"x {processes} processes" in done.stdout + done.stderr, "wrong number of processes"
-    return json.loads((run_dir / "metrics.json").read_text())
+    return done.stdout + done.stderr
 
 
 def _extensions_dir() -> str:
@@ -98,8 +100,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("hardware", ["ddp", "zero2"])
 def test_two_processes_train_like_one(hardware: str, reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / hardware
-    metrics = launched(run_dir, hardware, "trainer.batch_size=4")
-    assert metrics["info"]["steps"] == 6
+    launched(run_dir, hardware, "trainer.batch_size=4")
+    assert json.loads((run_dir / "metrics.json").read_text())["info"]["steps"] == 6
     assert_same_training(run_dir, reference)
     assert (run_dir / "deepspeed.json").is_file() == (hardware == "zero2")
     assert (run_dir / "report.md").is_file()
@@ -161,3 +163,21 @@ def test_zero3_routed_experts_accumulation_checkpointing_and_resume(tmp_path: Pa
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert "holds ZeRO partitions from 2 processes, this run has 1" in done.stderr
+
+
+def test_zero3_loads_a_checkpoint_into_partitions(tmp_path: Path) -> None:
+    """A model from a folder (as real checkpoints are) is built under deepspeed.zero.Init, so no
+    process ever holds the whole base; moelora's shared task gate runs on partitioned weights."""
+    from moelora.modeling import build_tiny_model, load_tokenizer
+
+    cfg = compose_config("train", [*BASE, "model.tiny.pretrain_steps=0"], tmp_path)
+    model_cfg = OmegaConf.to_object(cfg.model)
+    folder = tmp_path / "checkpoint"
+    build_tiny_model(model_cfg.tiny, load_tokenizer(model_cfg), tmp_path).save_pretrained(folder)
+    local = [f"model.name_or_path={folder}", "method=moelora", "method.num_experts=2"]
+    reference = tmp_path / "single"
+    single(reference, *local, "trainer.batch_size=8")
+    run_dir = tmp_path / "zero3"
+    printed = launched(run_dir, "zero3", *local, "trainer.batch_size=4")
+    assert "loaded straight into ZeRO-3 partitions" in printed
+    assert_same_training(run_dir, reference)

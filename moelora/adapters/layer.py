@@ -14,9 +14,11 @@ from moelora.adapters.routing import Routing
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear or of GPT-2's Conv1D, whose weight is stored transposed."""
+    """(d_in, d_out) of an nn.Linear or of GPT-2's Conv1D, whose weight is stored transposed
+    (under deepspeed.zero.Init the weight is a partition; `ds_shape` is its full shape)."""
     if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
+        shape = getattr(module.weight, "ds_shape", module.weight.shape)
+        return shape[0], shape[1]
     return module.in_features, module.out_features
 
 

@@ -140,6 +140,8 @@ def train(raw_cfg: DictConfig) -> dict:
         cfg.hardware.quantization,
         accelerator.device,
     )
+    if hasattr(next(base.parameters()), "ds_id"):
+        say("base model loaded straight into ZeRO-3 partitions (deepspeed.zero.Init)")
     try:
         model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
     except ValueError as err:  # e.g. no module matches method.target_modules
