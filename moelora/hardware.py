@@ -7,7 +7,6 @@ import contextlib
 import copy
 import json
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,13 +103,12 @@ def make_accelerator(
     run_dir: Path | None = None,
     loggers: list[str] | None = None,
     trainer: TrainerConfig | None = None,
-    zero3_init: bool = True,
 ) -> Accelerator:
     """On a CPU, mixed precision is turned off (bf16 there is emulated and ~30x slower) and the
     process group uses gloo (accelerate picks none without a GPU). The LR schedule counts
     optimizer steps, so accelerate must not step it once per process. DeepSpeed (training only,
-    `trainer` given) is configured from hardware.deepspeed; `zero3_init` loads a checkpoint
-    straight into ZeRO-3 partitions (off for a model built in-process, such as `tiny`)."""
+    `trainer` given) is configured from hardware.deepspeed; under ZeRO-3 a checkpoint then loads
+    straight into partitions (`deepspeed.zero.Init`)."""
     check_hardware(hardware)
     cpu = on_cpu(hardware)
     precision = "no" if cpu else hardware.mixed_precision
@@ -128,14 +126,13 @@ def make_accelerator(
             num_steps=trainer.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
         )
         if hardware.strategy == "deepspeed":
-            if "LOCAL_RANK" not in os.environ:  # one process, no launcher: a group of one
-                # (DeepSpeed would otherwise look for MPI to discover its peers)
-                single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-                single |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-                os.environ.update(single)
+            if os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None):
+                print(
+                    "hardware.deepspeed is the DeepSpeed config; your accelerate config's is unused"
+                )
             config = deepspeed_config(hardware, trainer, precision, world_size())
             stage3 = config["zero_optimization"].get("stage") == 3
-            plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3 and zero3_init)
+            plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3)
     accelerator = Accelerator(
         cpu=cpu and plugin is None,
         mixed_precision=precision,
@@ -167,12 +164,6 @@ def _check_layout(accelerator: Accelerator, hardware: HardwareConfig) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def deepspeed_of(accelerator: Accelerator) -> dict[str, Any] | None:
     """The live DeepSpeed config of this run (None without DeepSpeed)."""
     plugin = accelerator.state.deepspeed_plugin
@@ -189,6 +180,23 @@ def save_deepspeed_config(accelerator: Accelerator, run_dir: Path) -> None:
     config = deepspeed_of(accelerator)
     if config is not None and accelerator.is_main_process:
         (run_dir / DEEPSPEED_FILE).write_text(json.dumps(config, indent=2))
+
+
+@contextlib.contextmanager
+def built_whole(accelerator: Accelerator) -> Iterator[None]:
+    """Models created inside are not put in ZeRO-3 partitions as they are built: for a model
+    made and trained in-process (the tiny base's warm-up), partitioned later by the engine."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 @contextlib.contextmanager

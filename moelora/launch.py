@@ -19,71 +19,67 @@ from moelora.hardware import on_cpu, world_size
 
 
 def needs_launch(hardware: HardwareConfig) -> bool:
-    """True when the preset wants more processes than this one and no launcher started us."""
+    """True when no launcher started this process and the preset wants more than one process,
+    or DeepSpeed (whose engine needs a launcher's process group, even for one process)."""
     wanted = hardware.num_processes * hardware.num_machines
-    return wanted > 1 and "LOCAL_RANK" not in os.environ and world_size() == 1
+    multi = wanted > 1 or hardware.strategy == "deepspeed"
+    return multi and "LOCAL_RANK" not in os.environ and world_size() == 1
 
 
 def launch_command(
     hardware: HardwareConfig, overrides: list[str], run_dir: str, machine_rank: str = "0"
 ) -> tuple[dict[str, str], list[str]]:
     """(extra environment, argv) that start this run on one machine with the chosen launcher."""
-    per_machine, machines = hardware.num_processes, hardware.num_machines
-    program = ["-m", "moelora", "train", *_without_run_dir(overrides), f"run_dir={run_dir}"]
+    program = ["moelora", "train", *_without_run_dir(overrides), f"run_dir={run_dir}"]
     env: dict[str, str] = {}
-    cpu = on_cpu(hardware)
-    if cpu and hardware.strategy != "deepspeed":
+    if on_cpu(hardware) and hardware.strategy != "deepspeed":
         # DDP over gloo on a machine without GPUs (DeepSpeed picks its CPU accelerator itself).
         env["ACCELERATE_USE_CPU"] = "1"
-    rendezvous = ["--main_process_ip", "$MAIN_IP"] if machines > 1 else []
     if hardware.launcher == "torchrun":
-        nodes = [f"--nnodes={machines}", f"--node_rank={machine_rank}"] if machines > 1 else []
-        master = ["--master_addr=$MAIN_IP"] if machines > 1 else []
-        argv = [
-            "torchrun",
-            f"--nproc_per_node={per_machine}",
-            *nodes,
-            *master,
-            f"--master_port={hardware.main_process_port}",
-            *program,
-        ]
-    elif hardware.launcher == "deepspeed":
-        if machines > 1:
-            raise UserError(
-                "hardware.launcher=deepspeed over several machines needs its hostfile; use "
-                "hardware.launcher=accelerate (or torchrun) for multi-node runs."
-            )
-        argv = [
-            "deepspeed",
-            "--num_gpus",  # also the process count on a CPU machine
-            str(per_machine),
-            "--master_port",
-            str(hardware.main_process_port),
-            "--no_local_rank",  # LOCAL_RANK is in the environment; Hydra takes no --flags
-            "--module",
-            *program[1:],
-        ]
+        return env, _torchrun(hardware, machine_rank) + ["-m", *program]
+    if hardware.launcher == "deepspeed":
+        return env, _deepspeed(hardware) + ["--module", *program]
+    return env, _accelerate(hardware, machine_rank) + ["-m", *program]
+
+
+def _torchrun(hardware: HardwareConfig, machine_rank: str) -> list[str]:
+    argv = ["torchrun", f"--nproc_per_node={hardware.num_processes}"]
+    if hardware.num_machines > 1:
+        argv += [f"--nnodes={hardware.num_machines}", f"--node_rank={machine_rank}"]
+        argv += ["--master_addr", "$MAIN_IP"]
+    return argv + [f"--master_port={hardware.main_process_port}"]
+
+
+def _deepspeed(hardware: HardwareConfig) -> list[str]:
+    if hardware.num_machines > 1:
+        raise UserError(
+            "hardware.launcher=deepspeed over several machines needs its hostfile; use "
+            "hardware.launcher=accelerate (or torchrun) for multi-node runs."
+        )
+    # The deepspeed runner ignores CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1 unless told.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible and not on_cpu(hardware):
+        devices = ["--include", f"localhost:{visible}"]
     else:
-        mode = ["--use_deepspeed"] if hardware.strategy == "deepspeed" else ["--multi_gpu"]
-        machine = ["--num_machines", str(machines), "--machine_rank", machine_rank] * (machines > 1)
-        argv = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            *mode,
-            "--num_processes",
-            str(per_machine * machines),
-            "--mixed_precision",
-            "no" if cpu else hardware.mixed_precision,
-            "--dynamo_backend",
-            "no",
-            *machine,
-            *rendezvous,
-            "--main_process_port",
-            str(hardware.main_process_port),
-            *program,
-        ]
-    return env, argv
+        devices = ["--num_gpus", str(hardware.num_processes)]  # the process count on a CPU
+    port = ["--master_port", str(hardware.main_process_port)]
+    # LOCAL_RANK is in the environment; Hydra takes no --local_rank flag.
+    return ["deepspeed", *devices, *port, "--no_local_rank"]
+
+
+def _accelerate(hardware: HardwareConfig, machine_rank: str) -> list[str]:
+    machines = hardware.num_machines
+    argv = [sys.executable, "-m", "accelerate.commands.launch"]
+    argv += ["--use_deepspeed"] if hardware.strategy == "deepspeed" else ["--multi_gpu"]
+    argv += ["--num_processes", str(hardware.num_processes * machines)]
+    argv += ["--mixed_precision", "no" if on_cpu(hardware) else hardware.mixed_precision]
+    argv += ["--dynamo_backend", "no"]
+    if machines > 1:
+        argv += ["--num_machines", str(machines), "--machine_rank", machine_rank]
+        argv += ["--main_process_ip", "$MAIN_IP"]
+        if hardware.strategy == "deepspeed":  # each machine joins; not pdsh over ssh
+            argv += ["--deepspeed_multinode_launcher", "standard"]
+    return argv + ["--main_process_port", str(hardware.main_process_port)]
 
 
 def shell_line(env: dict[str, str], argv: list[str]) -> str:

@@ -70,9 +70,10 @@ def load_base_model(
     on_cpu: bool,
     quantization: str | None = None,
     device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     """The frozen base the adapters go on; `quantization=nf4` loads it in bitsandbytes 4-bit on
-    `device` (QLoRA), ready for adapters on top."""
+    `device` (QLoRA), computing in `compute_dtype`, ready for adapters on top."""
     dtype = resolve_dtype(cfg.dtype, on_cpu)
     if cfg.name_or_path == "tiny":
         model = build_tiny_model(cfg.tiny, tokenizer, Path(cache_dir)).to(dtype)
@@ -80,12 +81,17 @@ def load_base_model(
             return model
         with tempfile.TemporaryDirectory() as folder:  # bitsandbytes quantises while loading
             model.save_pretrained(folder)
-            return _load(folder, cfg, dtype, quantization, device)
-    return _load(cfg.name_or_path, cfg, dtype, quantization, device)
+            return _load(folder, cfg, dtype, quantization, device, compute_dtype)
+    return _load(cfg.name_or_path, cfg, dtype, quantization, device, compute_dtype)
 
 
 def _load(
-    name: str, cfg: ModelConfig, dtype: torch.dtype, quantization: str | None, device
+    name: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    quantization: str | None,
+    device,
+    compute_dtype: torch.dtype,
 ) -> PreTrainedModel:
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -95,7 +101,7 @@ def _load(
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
         kwargs["device_map"] = {"": str(device)}
     try:

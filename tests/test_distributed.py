@@ -46,16 +46,20 @@ LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
 ADAPTER_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def launched(run_dir: Path, hardware: str, *overrides: str, processes: int = 2) -> str:
+def launched(
+    run_dir: Path, hardware: str, *overrides: str, processes: int = 2, cache: Path | None = None
+) -> str:
     """`moelora train ... hardware=<hardware> hardware.num_processes=N` as a subprocess;
-    returns what it printed."""
+    returns what it printed. `cache` gives it its own model cache."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": _extensions_dir()}
+    if cache is not None:
+        env["MOELORA_CACHE"] = str(cache)
     command = [sys.executable, "-m", "moelora", "train", *BASE, *overrides]
     command += [f"hardware={hardware}", f"hardware.num_processes={processes}"]
     command += [f"run_dir={run_dir}"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert ("launching 2 processes" in done.stdout) == (processes == 2)
+    assert f"launching {processes} processes" in done.stdout
     assert f"x {processes} processes" in done.stdout + done.stderr, "wrong number of processes"
     return done.stdout + done.stderr
 
@@ -110,9 +114,9 @@ def test_two_processes_train_like_one(hardware: str, reference: Path, tmp_path: 
     assert len(rows) == 8
 
 
-def test_one_process_zero3_offload_needs_no_launcher(reference: Path, tmp_path: Path) -> None:
-    """ZeRO-3 with parameters and optimizer states offloaded, in a single process started
-    without any launcher (DeepSpeed gets a group of one instead of looking for MPI)."""
+def test_one_process_zero3_offload_trains_like_plain_one(reference: Path, tmp_path: Path) -> None:
+    """ZeRO-3 with parameters and optimizer states offloaded, in one process (launched too:
+    DeepSpeed needs a launcher's process group, or it looks for MPI)."""
     run_dir = tmp_path / "zero3_offload"
     launched(run_dir, "zero3_offload", "trainer.batch_size=8", processes=1)
     assert_same_training(run_dir, reference)
@@ -163,6 +167,17 @@ def test_zero3_routed_experts_accumulation_checkpointing_and_resume(tmp_path: Pa
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert "holds ZeRO partitions from 2 processes, this run has 1" in done.stderr
+
+
+def test_zero3_builds_and_warms_up_the_tiny_model_whole(tmp_path: Path) -> None:
+    """With an empty model cache each process builds and warms up `tiny` itself: outside
+    deepspeed.zero.Init (a partitioned model cannot train without the engine)."""
+    run_dir = tmp_path / "zero3"
+    small = ["trainer.max_steps=2", "eval.enabled=false", "model.tiny.pretrain_steps=5"]
+    printed = launched(run_dir, "zero3", *small, cache=tmp_path / "cache")
+    assert "warming up the tiny base model" in printed
+    assert "loaded straight into ZeRO-3 partitions" not in printed
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_zero3_loads_a_checkpoint_into_partitions(tmp_path: Path) -> None:

@@ -102,11 +102,16 @@ def test_several_machines_print_one_command_per_machine(capsys) -> None:
         line = next(s for s in printed.splitlines() if s.strip().startswith(f"machine {rank}:"))
         assert f"--machine_rank {rank}" in line and "--num_processes 16" in line
         assert "--main_process_ip $MAIN_IP" in line and "run_dir=/shared/runs/a" in line
+        assert "--deepspeed_multinode_launcher standard" in line  # not pdsh over ssh
+    torchrun = hardware("ddp", "hardware.num_machines=2", "hardware.launcher=torchrun")
+    launch(torchrun, [], "r")
+    assert "--master_addr $MAIN_IP" in capsys.readouterr().out  # expanded by the shell
 
 
 def test_only_a_process_outside_a_launch_launches(monkeypatch) -> None:
     assert not needs_launch(hardware("cpu"))
     assert needs_launch(hardware("ddp", "hardware.num_processes=2"))
+    assert needs_launch(hardware("zero3_offload", "hardware.num_processes=1"))  # DeepSpeed
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert not needs_launch(hardware("ddp", "hardware.num_processes=2"))
 

@@ -8,6 +8,7 @@ Launch: `moelora train +experiment=demo` on one device, or through a distributed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -35,6 +36,7 @@ from moelora.errors import UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import eval_loss, inference_stage, score_model, with_summary
 from moelora.hardware import (
+    built_whole,
     check_hardware,
     deepspeed_of,
     fill_model_sizes,
@@ -49,6 +51,8 @@ from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState
 
 SCHEDULERS = ("cosine", "linear", "constant")
+# The dtype a 4-bit base computes in, from the run's mixed precision.
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_train_config(raw: DictConfig) -> TrainConfig:
@@ -98,8 +102,9 @@ def train(raw_cfg: DictConfig) -> dict:
     if needs_launch(cfg.hardware):
         if not HydraConfig.initialized():
             raise UserError(
-                f"hardware.num_processes={cfg.hardware.num_processes} needs a distributed launch; "
-                f"start it with the moelora command, which launches the processes."
+                f"hardware={cfg.hardware.name} (strategy {cfg.hardware.strategy}, "
+                f"{cfg.hardware.num_processes} processes) needs a distributed launch; start it "
+                f"with the moelora command, which launches the processes."
             )
         launch(cfg.hardware, list(HydraConfig.get().overrides.task), cfg.run_dir)
         return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
@@ -110,13 +115,7 @@ def train(raw_cfg: DictConfig) -> dict:
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     run_dir = Path(cfg.run_dir)
-    accelerator = make_accelerator(
-        cfg.hardware,
-        run_dir,
-        cfg.trainer.log_with,
-        cfg.trainer,
-        zero3_init=cfg.model.name_or_path != "tiny",  # tiny is built in-process, not loaded
-    )
+    accelerator = make_accelerator(cfg.hardware, run_dir, cfg.trainer.log_with, cfg.trainer)
     set_seed(cfg.trainer.seed)
     say = accelerator.print
 
@@ -132,14 +131,17 @@ def train(raw_cfg: DictConfig) -> dict:
         check_added_domains(earlier.domains, present, cfg.method.add_domains)
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
 
-    base = load_base_model(
-        cfg.model,
-        tokenizer,
-        cfg.cache_dir,
-        accelerator.device.type == "cpu",
-        cfg.hardware.quantization,
-        accelerator.device,
-    )
+    tiny = cfg.model.name_or_path == "tiny"  # built and warmed up here, not loaded
+    with built_whole(accelerator) if tiny else contextlib.nullcontext():
+        base = load_base_model(
+            cfg.model,
+            tokenizer,
+            cfg.cache_dir,
+            accelerator.device.type == "cpu",
+            cfg.hardware.quantization,
+            accelerator.device,
+            COMPUTE_DTYPES[accelerator.mixed_precision],
+        )
     if hasattr(next(base.parameters()), "ds_id"):
         say("base model loaded straight into ZeRO-3 partitions (deepspeed.zero.Init)")
     try:
@@ -373,7 +375,8 @@ def _train_stage(
                 continue
             loss, aux, step_tokens = _optimizer_step(prepared, micro, accelerator, t.max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step taken
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             micro = []
             tokens += step_tokens
