@@ -10,13 +10,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 
+from moelora.adapters import load_adapter_weights, save_adapter
 from moelora.errors import UserError
 from moelora.hardware import deepspeed_of, gathered
 
-ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.json"
+
+
+def save_whole_adapter(
+    accelerator: Accelerator, model, directory: Path, metadata: dict | None = None
+) -> None:
+    """Write the adapter (weights + config) from the main process; every process must call it,
+    since under ZeRO-3 the adapter's tensors are gathered from all of them first."""
+    unwrapped = accelerator.unwrap_model(model)
+    with gathered(accelerator, [p for _, p in unwrapped.named_adapter_parameters()]):
+        if accelerator.is_main_process:
+            save_adapter(unwrapped, directory, metadata)
 
 
 @dataclass
@@ -63,13 +73,7 @@ class Checkpointer:
         # DeepSpeed writes its own engine checkpoint: keep the frozen base out of it.
         deepspeed = {"exclude_frozen_parameters": True} if self._deepspeed else {}
         self.accelerator.save_state(str(tmp), **deepspeed)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        with gathered(self.accelerator, [p for _, p in unwrapped.named_adapter_parameters()]):
-            if self.accelerator.is_main_process:
-                save_file(
-                    {k: v.contiguous().cpu() for k, v in unwrapped.adapter_state_dict().items()},
-                    tmp / ADAPTER_FILE,
-                )
+        save_whole_adapter(self.accelerator, self.model, tmp)
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -85,12 +89,14 @@ class Checkpointer:
         found = self.checkpoints()
         if not found:
             return None
-        saved_by = len(list(found[-1].rglob("*zero_pp_rank_*optim_states.pt")))
-        if self._deepspeed and saved_by != self.accelerator.num_processes:
-            raise UserError(
-                f"{found[-1]} holds ZeRO partitions from {saved_by} processes, this run has "
-                f"{self.accelerator.num_processes}; resume with hardware.num_processes={saved_by}."
-            )
+        if self._deepspeed:
+            saved_by = len(list(found[-1].rglob("*zero_pp_rank_*optim_states.pt")))
+            if saved_by != self.accelerator.num_processes:
+                raise UserError(
+                    f"{found[-1]} holds ZeRO partitions from {saved_by} processes, this run has "
+                    f"{self.accelerator.num_processes}; resume with "
+                    f"hardware.num_processes={saved_by}."
+                )
         return TrainState(**json.loads((found[-1] / STATE_FILE).read_text()))
 
     def load_latest(self) -> TrainState:
@@ -101,6 +107,5 @@ class Checkpointer:
             self.accelerator.load_state(str(latest), load_module_strict=False)
         else:
             self.accelerator.load_state(str(latest))
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            unwrapped.load_adapter_state_dict(load_file(latest / ADAPTER_FILE))
+            load_adapter_weights(self.accelerator.unwrap_model(self.model), latest)
         return TrainState(**json.loads((latest / STATE_FILE).read_text()))

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from moelora.adapters import AdaptedModel, load_adapter_weights, save_adapter
+from moelora.adapters import AdaptedModel, load_adapter_weights
 from moelora.adapters.config import MODULA
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import answer_tokens, loss_loader
@@ -40,7 +40,6 @@ from moelora.hardware import (
     check_hardware,
     deepspeed_of,
     fill_model_sizes,
-    gathered,
     is_zero3,
     make_accelerator,
     save_deepspeed_config,
@@ -48,7 +47,7 @@ from moelora.hardware import (
 from moelora.launch import launch, needs_launch
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
-from moelora.train.checkpoint import Checkpointer, TrainState
+from moelora.train.checkpoint import Checkpointer, TrainState, save_whole_adapter
 
 SCHEDULERS = ("cosine", "linear", "constant")
 # The dtype a 4-bit base computes in, from the run's mixed precision.
@@ -153,8 +152,8 @@ def train(raw_cfg: DictConfig) -> dict:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     if not cfg.hardware.quantization:  # a 4-bit base is placed while loading
         model.to(accelerator.device)
-    if deepspeed_of(accelerator) is not None:
-        fill_model_sizes(deepspeed_of(accelerator), base.config.hidden_size)
+    if (live_deepspeed := deepspeed_of(accelerator)) is not None:
+        fill_model_sizes(live_deepspeed, base.config.hidden_size)
     say(f"method {cfg.method.name}: {adapter_parameters:,} adapter parameters")
 
     if accelerator.is_main_process:
@@ -227,13 +226,12 @@ def train(raw_cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - started
     model.set_stage(inference_stage(cfg.method.name, cfg.eval.force_domain))
 
-    with gathered(accelerator, [p for _, p in model.named_adapter_parameters()]):
-        if accelerator.is_main_process:
-            save_adapter(
-                accelerator.unwrap_model(model),
-                run_dir / "adapter",
-                {"tasks": data.registry.to_dict(), "base_model": cfg.model.name_or_path},
-            )
+    save_whole_adapter(
+        accelerator,
+        model,
+        run_dir / "adapter",
+        {"tasks": data.registry.to_dict(), "base_model": cfg.model.name_or_path},
+    )
     info = {
         "method": cfg.method.name,
         "model": cfg.model.name_or_path,
