@@ -15,6 +15,12 @@ from moelora.paths import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOY = REPO.parent / "shared" / "data" / "promptcblue_toy"
+# The smallest tiny base the end-to-end tests train: a 2-layer Llama of width 64.
+TINY_SHAPE = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.num_layers=2",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SHAPE
 from tests.test_config import moelora
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
 
 SMALL = [
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=128",
-    "model.tiny.num_layers=2",
+    *TINY_SHAPE,
     "model.tiny.pretrain_steps=0",
     "data.max_eval_samples_per_task=2",
     "eval.max_new_tokens=4",

@@ -17,7 +17,7 @@ from moelora.hardware import deepspeed_config, fill_model_sizes
 from moelora.launch import launch, launch_command, needs_launch
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.train.loop import load_train_config, train
-from tests.conftest import compose_config
+from tests.conftest import TINY_SHAPE, compose_config
 
 PRESETS = ["cpu", "gpu", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "qlora_4bit"]
 
@@ -141,9 +141,7 @@ def tiny_setup():
             "train",
             [
                 "+experiment=demo",
-                "model.tiny.hidden_size=64",
-                "model.tiny.intermediate_size=128",
-                "model.tiny.num_layers=2",
+                *TINY_SHAPE,
                 "model.tiny.pretrain_steps=0",
                 "method.dropout=0",
             ],
@@ -232,9 +230,7 @@ def test_qlora_preset_trains_through_the_trainer(tmp_path) -> None:
     overrides = [
         "+experiment=demo",
         "hardware=qlora_4bit",
-        "model.tiny.hidden_size=64",
-        "model.tiny.intermediate_size=128",
-        "model.tiny.num_layers=2",
+        *TINY_SHAPE,
         "model.tiny.pretrain_steps=0",
         "data.max_eval_samples_per_task=2",
         "trainer.batch_size=8",

@@ -12,15 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from moelora.train.loop import train
-from tests.conftest import compose_config
+from tests.conftest import TINY_SHAPE, compose_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
 
 SMALL = [
     "+experiment=demo",
-    "model.tiny.hidden_size=64",
-    "model.tiny.intermediate_size=128",
-    "model.tiny.num_layers=2",
+    *TINY_SHAPE,
     "model.tiny.pretrain_steps=100",
     "model.tiny.pretrain_lr=3e-3",
     "data.max_eval_samples_per_task=4",
