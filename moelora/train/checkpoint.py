@@ -74,6 +74,8 @@ class Checkpointer:
         deepspeed = {"exclude_frozen_parameters": True} if self._deepspeed else {}
         self.accelerator.save_state(str(tmp), **deepspeed)
         save_whole_adapter(self.accelerator, self.model, tmp)
+        # Every process writes its own RNG file into `tmp`: all must finish before the rename.
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             shutil.rmtree(final, ignore_errors=True)
