@@ -72,29 +72,37 @@ def _hydra_app(command: str) -> Callable[[], None]:
     return app
 
 
+# The key that names where a command writes; it also becomes Hydra's output dir.
+OUTPUT_KEYS = {"train": "run_dir", "eval": "output_dir"}
+
+
 def _translate(command: str, overrides: list[str]) -> list[str]:
-    """`run_dir=X` on `train` also moves Hydra's output dir there, so resuming is one override;
-    an existing run there is refused before Hydra writes anything into it."""
-    run_dirs = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
-    if command == "train" and not run_dirs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """`run_dir=X` on `train` (`output_dir=X` on `eval`) also moves Hydra's output dir there, so
+    resuming is one override; an existing run there is refused before Hydra writes into it."""
+    key = OUTPUT_KEYS.get(command)
+    if key is None:
+        return overrides
+    folders = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
+    if not folders and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Each rank would resolve Hydra's ${now:...} run dir on its own and write elsewhere.
         print(
-            "moelora train: error: under a distributed launch pass run_dir=<folder> so every "
-            "process writes to the same run directory.",
+            f"moelora {command}: error: under a distributed launch pass {key}=<folder> so every "
+            f"process writes to the same directory.",
             file=sys.stderr,
         )
         raise SystemExit(2)
-    if command != "train" or not run_dirs:
+    if not folders:
         return overrides
-    from moelora.rundir import guard_run_dir
+    if command == "train":
+        from moelora.rundir import guard_run_dir
 
-    resume = any(o.lower() in {"trainer.resume=true", "trainer.resume=1"} for o in overrides)
-    try:
-        guard_run_dir(run_dirs[-1], resume)
-    except UserError as err:
-        print(f"moelora train: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return [f"hydra.run.dir={run_dirs[-1]}", *overrides]  # before any --flag argparse reads
+        resume = any(o.lower() in {"trainer.resume=true", "trainer.resume=1"} for o in overrides)
+        try:
+            guard_run_dir(folders[-1], resume)
+        except UserError as err:
+            print(f"moelora train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return [f"hydra.run.dir={folders[-1]}", *overrides]  # before any --flag argparse reads
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

@@ -2,8 +2,9 @@
 
 `moelora train hardware=zero2 hardware.num_processes=8 ...` outside a distributed launch runs
 `accelerate launch` (or torchrun / deepspeed, `hardware.launcher`) on `python -m moelora train`
-with the same overrides and this run's directory, so every rank shares one run dir. A run over
-several machines cannot be started from one of them: the command for each machine is printed.
+with the same overrides and this run's directory pinned, so every rank shares one run dir
+(`moelora eval` likewise, with its output_dir). A run over several machines cannot be started
+from one of them: the command for each machine is printed.
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ def needs_launch(hardware: HardwareConfig) -> bool:
 
 
 def launch_command(
-    hardware: HardwareConfig, overrides: list[str], run_dir: str, machine_rank: str = "0"
+    hardware: HardwareConfig,
+    command: str,
+    overrides: list[str],
+    pinned: str,
+    machine_rank: str = "0",
 ) -> tuple[dict[str, str], list[str]]:
-    """(extra environment, argv) that start this run on one machine with the chosen launcher."""
-    program = ["moelora", "train", *_without_run_dir(overrides), f"run_dir={run_dir}"]
+    """(extra environment, argv) that start `moelora <command>` on one machine with the chosen
+    launcher; `pinned` ("run_dir=...") replaces the user's value of that key for every rank."""
+    key = pinned.split("=", 1)[0] + "="
+    kept = [o for o in overrides if not o.startswith(key)]
+    program = ["moelora", command, *kept, pinned]
     env: dict[str, str] = {}
     if on_cpu(hardware) and hardware.strategy != "deepspeed":
         # DDP over gloo on a machine without GPUs (DeepSpeed picks its CPU accelerator itself).
@@ -89,27 +97,23 @@ def shell_line(env: dict[str, str], argv: list[str]) -> str:
     return " ".join(words)
 
 
-def launch(hardware: HardwareConfig, overrides: list[str], run_dir: str) -> None:
+def launch(hardware: HardwareConfig, command: str, overrides: list[str], pinned: str) -> None:
     """Run the launch on this machine and wait; print the per-machine commands for several."""
     if hardware.num_machines > 1:
         lines = [
-            shell_line(*launch_command(hardware, overrides, run_dir, str(rank)))
+            shell_line(*launch_command(hardware, command, overrides, pinned, str(rank)))
             for rank in range(hardware.num_machines)
         ]
         print(
             f"this run spans {hardware.num_machines} machines: on each, with MAIN_IP set to the "
-            f"first machine's address and a shared run_dir, run\n"
+            f"first machine's address and {pinned.split('=', 1)[0]} on shared storage, run\n"
             + "\n".join(f"  machine {rank}: {line}" for rank, line in enumerate(lines))
         )
         return
-    env, argv = launch_command(hardware, overrides, run_dir)
+    env, argv = launch_command(hardware, command, overrides, pinned)
     print(f"launching {hardware.num_processes} processes: {shell_line(env, argv)}", flush=True)
     done = subprocess.run(argv, env={**os.environ, **env}, check=False)
     if done.returncode != 0:
         raise UserError(
             f"the launched run failed (exit {done.returncode}); its processes printed why above."
         )
-
-
-def _without_run_dir(overrides: list[str]) -> list[str]:
-    return [o for o in overrides if not o.startswith("run_dir=")]

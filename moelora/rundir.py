@@ -4,9 +4,12 @@ Used by `moelora eval run_dir=...` and `moelora export run_dir=...`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -27,6 +30,7 @@ class LoadedRun:
     data_cfg: DataConfig
     registry: TaskRegistry
     method: str
+    quantization: str | None  # the base the adapter was trained on: None or nf4
 
 
 def guard_run_dir(run_dir: str | Path, resume: bool) -> None:
@@ -92,14 +96,57 @@ def check_resume_config(run_dir: str | Path, current: dict) -> None:
             )
 
 
-def load_run(run_dir: str | Path, cache_dir: str, on_cpu: bool) -> LoadedRun:
-    """The run's base model with its trained adapter, as the run's own config describes them."""
+@dataclass
+class RunSettings:
+    """What a finished run's config.yaml says it was trained with."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: str
+    quantization: str | None  # the base the adapter was trained on: None or nf4
+
+
+def read_run(run_dir: str | Path, changes: Mapping[str, Any] | None = None) -> RunSettings:
+    """The run's model and data settings with `changes` ({"data.root": ..., or a whole "data"})
+    on top: the same adapter scored on a moved dataset or a model at another path."""
     run_dir = require_finished_run(run_dir, "run_dir", ("config.yaml", "tasks.json", "adapter"))
     saved = OmegaConf.load(run_dir / "config.yaml")
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model))
-    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
-    tokenizer = load_tokenizer(model_cfg)
-    base = load_base_model(model_cfg, tokenizer, cache_dir, on_cpu)
-    model, _ = load_adapter(run_dir / "adapter", base)
-    registry = TaskRegistry.load(run_dir / "tasks.json")
-    return LoadedRun(model, tokenizer, model_cfg, data_cfg, registry, str(saved.method.name))
+    for key, value in sorted((changes or {}).items(), key=lambda item: item[0].count(".")):
+        OmegaConf.update(saved, key, value, merge=False)
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data)
+    return RunSettings(
+        OmegaConf.to_object(model),  # type: ignore[arg-type]
+        OmegaConf.to_object(data),  # type: ignore[arg-type]
+        str(saved.method.name),
+        OmegaConf.select(saved, "hardware.quantization"),
+    )
+
+
+def load_run(
+    run_dir: str | Path,
+    cache_dir: str,
+    on_cpu: bool,
+    quantization: str | None = None,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    changes: Mapping[str, Any] | None = None,
+) -> LoadedRun:
+    """The run's base model with its trained adapter, as `read_run` describes them;
+    `quantization` etc. as in `load_base_model` (a QLoRA run is scored on its 4-bit base)."""
+    settings = read_run(run_dir, changes)
+    tokenizer = load_tokenizer(settings.model)
+    base = load_base_model(
+        settings.model, tokenizer, cache_dir, on_cpu, quantization, device, compute_dtype
+    )
+    model, _ = load_adapter(Path(run_dir) / "adapter", base)
+    registry = TaskRegistry.load(Path(run_dir) / "tasks.json")
+    return LoadedRun(
+        model,
+        tokenizer,
+        settings.model,
+        settings.data,
+        registry,
+        settings.method,
+        settings.quantization,
+    )

@@ -114,6 +114,23 @@ def test_two_processes_train_like_one(hardware: str, reference: Path, tmp_path: 
     assert len(rows) == 8
 
 
+def test_two_process_eval_scores_like_the_run(reference: Path, tmp_path: Path) -> None:
+    """`moelora eval run_dir=... hardware=ddp` launches too and shares the dev set between the
+    processes: the same answers and scores as the run's own final scoring."""
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "moelora", "eval", f"run_dir={reference}"]
+    command += ["eval.batch_size=16", "eval.max_new_tokens=6", "hardware=ddp"]
+    command += ["hardware.num_processes=2", f"output_dir={out}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "launching 2 processes" in done.stdout
+    after = json.loads((reference / "metrics.json").read_text())["after"]
+    assert json.loads((out / "metrics.json").read_text())["score"] == after
+    answers = (out / "predictions_eval.jsonl").read_text()
+    assert answers == (reference / "predictions_after.jsonl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # one output dir for both
+
+
 def test_one_process_zero3_offload_trains_like_plain_one(reference: Path, tmp_path: Path) -> None:
     """ZeRO-3 with parameters and optimizer states offloaded, in one process (launched too:
     DeepSpeed needs a launcher's process group, or it looks for MPI)."""

@@ -3,19 +3,24 @@ QLoRA's 4-bit base (bitsandbytes NF4 runs on the CPU)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from moelora.adapters import AdaptedModel
 from moelora.config import HardwareConfig, TrainerConfig
+from moelora.data.pipeline import prepare_data
 from moelora.errors import UserError
+from moelora.evaluate.run import eval_loss, evaluate_command
 from moelora.hardware import deepspeed_config, fill_model_sizes
 from moelora.launch import launch, launch_command, needs_launch
 from moelora.modeling import load_base_model, load_tokenizer
+from moelora.rundir import load_run
 from moelora.train.loop import load_train_config, train
 from tests.conftest import TINY_SHAPE, compose_config
 
@@ -62,7 +67,9 @@ def test_a_deepspeed_value_that_contradicts_the_trainer_stops() -> None:
 
 def test_launch_commands_for_each_launcher() -> None:
     overrides = ["+experiment=demo", "run_dir=old", "trainer.lr=1e-3"]
-    env, argv = launch_command(hardware("ddp", "hardware.cpu=true"), overrides, "runs/a")
+    env, argv = launch_command(
+        hardware("ddp", "hardware.cpu=true"), "train", overrides, "run_dir=runs/a"
+    )
     assert env == {"ACCELERATE_USE_CPU": "1"}  # DDP over gloo without GPUs
     assert argv[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in argv
     assert argv[argv.index("--num_processes") + 1] == str(hardware("ddp").num_processes)
@@ -74,21 +81,26 @@ def test_launch_commands_for_each_launcher() -> None:
         "run_dir=runs/a",
     ]
 
-    env, argv = launch_command(hardware("zero3", "hardware.num_processes=4"), overrides, "r")
+    env, argv = launch_command(
+        hardware("zero3", "hardware.num_processes=4"), "train", overrides, "run_dir=r"
+    )
     assert env == {} and "--use_deepspeed" in argv  # ACCELERATE_USE_CPU would drop DeepSpeed
     assert argv[argv.index("--num_processes") + 1] == "4"
 
     _, argv = launch_command(
-        hardware("zero2", "hardware.num_processes=2", "hardware.launcher=torchrun"), [], "r"
+        hardware("zero2", "hardware.num_processes=2", "hardware.launcher=torchrun"),
+        "eval",
+        [],
+        "output_dir=o",
     )
-    assert argv[:2] == ["torchrun", "--nproc_per_node=2"] and argv[-4:-1] == [
-        "-m",
-        "moelora",
-        "train",
-    ]
+    assert argv[:2] == ["torchrun", "--nproc_per_node=2"]
+    assert argv[-4:] == ["-m", "moelora", "eval", "output_dir=o"]
 
     _, argv = launch_command(
-        hardware("zero2", "hardware.num_processes=2", "hardware.launcher=deepspeed"), [], "r"
+        hardware("zero2", "hardware.num_processes=2", "hardware.launcher=deepspeed"),
+        "train",
+        [],
+        "run_dir=r",
     )
     assert argv[:3] == ["deepspeed", "--num_gpus", "2"]
     assert argv[-5:] == ["--no_local_rank", "--module", "moelora", "train", "run_dir=r"]
@@ -96,7 +108,7 @@ def test_launch_commands_for_each_launcher() -> None:
 
 def test_several_machines_print_one_command_per_machine(capsys) -> None:
     hw = hardware("zero3", "hardware.num_processes=8", "hardware.num_machines=2")
-    launch(hw, ["+experiment=cmedical"], "/shared/runs/a")
+    launch(hw, "train", ["+experiment=cmedical"], "run_dir=/shared/runs/a")
     printed = capsys.readouterr().out
     for rank in (0, 1):
         line = next(s for s in printed.splitlines() if s.strip().startswith(f"machine {rank}:"))
@@ -104,7 +116,7 @@ def test_several_machines_print_one_command_per_machine(capsys) -> None:
         assert "--main_process_ip $MAIN_IP" in line and "run_dir=/shared/runs/a" in line
         assert "--deepspeed_multinode_launcher standard" in line  # not pdsh over ssh
     torchrun = hardware("ddp", "hardware.num_machines=2", "hardware.launcher=torchrun")
-    launch(torchrun, [], "r")
+    launch(torchrun, "train", [], "run_dir=r")
     assert "--master_addr $MAIN_IP" in capsys.readouterr().out  # expanded by the shell
 
 
@@ -226,7 +238,7 @@ def test_qlora_training_changes_only_the_adapters(tiny_setup) -> None:
 
 
 @pytest.mark.slow
-def test_qlora_preset_trains_through_the_trainer(tmp_path) -> None:
+def test_qlora_preset_trains_and_evals_on_4bit(tmp_path, capsys) -> None:
     overrides = [
         "+experiment=demo",
         "hardware=qlora_4bit",
@@ -240,9 +252,36 @@ def test_qlora_preset_trains_through_the_trainer(tmp_path) -> None:
         "trainer.gradient_checkpointing=true",
         "eval.max_new_tokens=6",
     ]
-    info = train(compose_config("train", overrides, tmp_path))["info"]
+    run_dir = tmp_path / "run"
+    cfg = compose_config("train", overrides, run_dir)
+    metrics = train(cfg)
+    info = metrics["info"]
     assert info["train_loss_last"] < info["train_loss_first"]
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    # The run loads back onto its 4-bit base: the eval loss training measured at its end.
+    def reloaded_eval_loss(quantization: str | None) -> float:
+        run = load_run(run_dir, cfg.cache_dir, True, quantization)
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules()) == bool(
+            quantization
+        )
+        rows = prepare_data(run.data_cfg, run.tokenizer, run.registry).eval
+        return round(eval_loss(run.model, rows, load_train_config(cfg), Accelerator(cpu=True)), 4)
+
+    assert reloaded_eval_loss("nf4") == info["final_eval_loss"] != reloaded_eval_loss(None)
+
+    # `moelora eval` scores the run on its 4-bit base, as training's final scoring did.
+    scoring = ["eval.max_new_tokens=6", f"run_dir={run_dir}"]
+    evaluate_command(compose_config("eval", [*scoring, "hardware=qlora_4bit"], tmp_path / "q"))
+    assert json.loads((tmp_path / "q" / "metrics.json").read_text())["score"] == metrics["after"]
+    evaluate_command(compose_config("eval", scoring, tmp_path / "full"))
+    assert "trained on a nf4 base and is scored on a full-precision one" in capsys.readouterr().out
+
+
+def test_eval_refuses_deepspeed_before_loading(tmp_path) -> None:
+    cfg = compose_config("eval", ["hardware=zero3", f"run_dir={tmp_path}"], tmp_path)
+    with pytest.raises(UserError, match="use hardware=ddp"):
+        evaluate_command(cfg)
 
 
 def test_slurm_launcher_config_composes_on_submitit() -> None:

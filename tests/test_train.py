@@ -81,6 +81,26 @@ def test_eval_command_rescores_the_run(finished_run, tmp_path) -> None:
     assert rescored["score"]["per_task"] == pytest.approx(metrics["after"]["per_task"])
 
 
+def test_eval_takes_data_and_model_settings_over_the_runs(finished_run, tmp_path) -> None:
+    """`moelora eval run_dir=... data.<key>=...` scores the run's adapter on other dev rows;
+    a dev set that is not there stops before the model loads."""
+    from tests.test_config import moelora
+
+    run_dir, _ = finished_run
+    out = tmp_path / "ner"
+    scoring = [f"run_dir={run_dir}", "eval.max_new_tokens=4", f"output_dir={out}"]
+    done = moelora("eval", *scoring, "data.eval_tasks=[DEMO-NER]")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(json.loads((out / "metrics.json").read_text())["score"]["per_task"]) == {"DEMO-NER"}
+    assert len((out / "predictions_eval.jsonl").read_text().splitlines()) == 4
+    done = moelora("eval", *scoring, "data.root=/nowhere")
+    assert done.returncode == 2
+    assert "data.root='/nowhere' is not a folder" in done.stderr
+    done = moelora("eval", *scoring, "model.name_or_path=/nowhere")  # the base has moved
+    assert done.returncode == 2 and "/nowhere" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path) -> None:
     steps = [
         "trainer.max_steps=12",

@@ -22,11 +22,10 @@ class PreparedData:
     reports: dict[str, LengthReport]
 
 
-def check_files(cfg: DataConfig) -> None:
+def check_files(cfg: DataConfig, splits: tuple[str, ...] = ("train", "eval")) -> None:
     """Fail on a missing data folder or file before anything slow (tokenizer, model) is loaded."""
-    if not cfg.dataset:
-        resolve_files(cfg.root, cfg.train_files, "data.train_files")
-        resolve_files(cfg.root, cfg.eval_files, "data.eval_files")
+    for split in splits if not cfg.dataset else ():
+        resolve_files(cfg.root, getattr(cfg, f"{split}_files"), f"data.{split}_files")
 
 
 def read_split(cfg: DataConfig, split: str) -> Dataset:

@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from moelora.adapters.config import MODULA
 from moelora.config import EvalConfig, EvalRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, loss_loader
-from moelora.data.pipeline import prepare_data, read_eval_rows
+from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
 from moelora.evaluate.promptcblue import score_predictions
 from moelora.evaluate.report import write_predictions, write_report
-from moelora.hardware import make_accelerator
-from moelora.modeling import load_base_model, load_tokenizer
-from moelora.rundir import load_run
+from moelora.hardware import check_hardware, make_accelerator
+from moelora.launch import launch, needs_launch
+from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
+from moelora.rundir import load_run, read_run
 
 
 def inference_stage(method: str, force_domain: bool) -> str | None:
@@ -96,21 +99,41 @@ def evaluate_command(raw: DictConfig) -> None:
     if cfg.predictions:
         _score_file(cfg, out_dir)
         return
+    check_hardware(cfg.hardware)
+    if cfg.hardware.strategy == "deepspeed":
+        raise UserError(
+            f"moelora eval generates with whole model copies, not under DeepSpeed "
+            f"(hardware={cfg.hardware.name}); use hardware=ddp to share the dev set between GPUs."
+        )
+    if needs_launch(cfg.hardware):
+        overrides = list(HydraConfig.get().overrides.task)
+        launch(cfg.hardware, "eval", overrides, f"output_dir={out_dir}")
+        return
     accelerator = make_accelerator(cfg.hardware)
+    quantization = cfg.hardware.quantization
+    on_cpu = accelerator.device.type == "cpu"
+    placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
     if cfg.run_dir:
-        run = load_run(cfg.run_dir, cfg.cache_dir, accelerator.device.type == "cpu")
+        changes = command_line_changes(raw)
+        check_files(read_run(cfg.run_dir, changes).data, ("eval",))  # before the model loads
+        run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu, *placed, changes)
+        if run.quantization != quantization:
+            accelerator.print(
+                f"note: the run trained on a {run.quantization or 'full-precision'} base and is "
+                f"scored on a {quantization or 'full-precision'} one; hardware.quantization="
+                f"{run.quantization or 'null'} scores it as trained."
+            )
         run.model.set_stage(inference_stage(run.method, cfg.eval.force_domain))
         model, tokenizer, data_cfg = run.model, run.tokenizer, run.data_cfg
         registry, title = run.registry, f"run {cfg.run_dir} ({run.method})"
     else:
         tokenizer = load_tokenizer(cfg.model)
-        model = load_base_model(
-            cfg.model, tokenizer, cfg.cache_dir, accelerator.device.type == "cpu"
-        )
+        model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, on_cpu, *placed)
         data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
         registry = TaskRegistry.from_rows(read_eval_rows(data_cfg))
     data = prepare_data(data_cfg, tokenizer, registry)
-    model.to(accelerator.device)
+    if not quantization:  # a 4-bit base is placed while loading
+        model.to(accelerator.device)
     scores = score_model(
         model,
         tokenizer,
@@ -124,6 +147,23 @@ def evaluate_command(raw: DictConfig) -> None:
     if accelerator.is_main_process:
         write_report(out_dir, f"moelora eval: {title}", {"score": scores}, {"source": title})
         print((out_dir / "report.md").read_text())
+
+
+def command_line_changes(raw: DictConfig) -> dict[str, Any]:
+    """The model./data. settings given on the command line, with their composed values: they
+    apply on top of a run's own (`data.root=` where the dev set now lives, `data.eval_files=`
+    another split, `model.name_or_path=` where the base now is)."""
+    if not HydraConfig.initialized():
+        return {}
+    changes = {}
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] in ("model", "data"):
+            value = OmegaConf.select(raw, key)
+            if isinstance(value, DictConfig | ListConfig):
+                value = OmegaConf.to_container(value, resolve=True)
+            changes[key] = value
+    return changes
 
 
 def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:

@@ -45,13 +45,11 @@ from moelora.hardware import (
     save_deepspeed_config,
 )
 from moelora.launch import launch, needs_launch
-from moelora.modeling import load_base_model, load_tokenizer
+from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState, save_whole_adapter
 
 SCHEDULERS = ("cosine", "linear", "constant")
-# The dtype a 4-bit base computes in, from the run's mixed precision.
-COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_train_config(raw: DictConfig) -> TrainConfig:
@@ -105,7 +103,8 @@ def train(raw_cfg: DictConfig) -> dict:
                 f"{cfg.hardware.num_processes} processes) needs a distributed launch; start it "
                 f"with the moelora command, which launches the processes."
             )
-        launch(cfg.hardware, list(HydraConfig.get().overrides.task), cfg.run_dir)
+        overrides = list(HydraConfig.get().overrides.task)
+        launch(cfg.hardware, "train", overrides, f"run_dir={cfg.run_dir}")
         return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
     guard_run_dir(cfg.run_dir, cfg.trainer.resume)
     if cfg.trainer.resume:
