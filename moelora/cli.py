@@ -93,15 +93,17 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
         raise SystemExit(2)
     if not folders:
         return overrides
-    if command == "train":
-        from moelora.rundir import guard_run_dir
+    from moelora.rundir import guard_eval_output, guard_run_dir
 
-        resume = any(o.lower() in {"trainer.resume=true", "trainer.resume=1"} for o in overrides)
-        try:
+    resume = any(o.lower() in {"trainer.resume=true", "trainer.resume=1"} for o in overrides)
+    try:
+        if command == "train":
             guard_run_dir(folders[-1], resume)
-        except UserError as err:
-            print(f"moelora train: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+        else:
+            guard_eval_output(folders[-1])
+    except UserError as err:
+        print(f"moelora {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     return [f"hydra.run.dir={folders[-1]}", *overrides]  # before any --flag argparse reads
 
 

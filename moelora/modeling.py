@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -171,7 +170,8 @@ def build_tiny_model(
             _warm_up(model, cfg, tokenizer)
             # A private temp folder and a tolerant rename: parallel sweep jobs or ranks may
             # warm up the same model at once; the first to finish publishes it.
-            tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{cached.name}.tmp", dir=cached.parent))
             model.save_pretrained(tmp)
             try:
                 tmp.rename(cached)

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from moelora.adapters import AdaptedModel, AdapterConfig, load_adapter
 from moelora.adapters.config import SHAPE_FIELDS
 from moelora.adapters.storage import CONFIG_NAME, WEIGHTS_NAME
-from moelora.config import DataConfig, ModelConfig
+from moelora.config import DataConfig, EvalConfig, ModelConfig
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 from moelora.modeling import load_base_model, load_tokenizer
@@ -96,30 +96,47 @@ def check_resume_config(run_dir: str | Path, current: dict) -> None:
             )
 
 
+# The parts of a run's config that `moelora eval run_dir=...` reuses (and lets you change).
+RUN_GROUPS = ("model", "data", "eval")
+
+
+def guard_eval_output(output_dir: str | Path) -> None:
+    """Eval writes metrics.json and report.md: never over a training run's own."""
+    output_dir = Path(output_dir)
+    if (output_dir / "adapter").exists() or (output_dir / "checkpoints").exists():
+        raise UserError(
+            f"output_dir={output_dir} holds a training run, whose report eval would overwrite; "
+            f"choose another output_dir."
+        )
+
+
 @dataclass
 class RunSettings:
-    """What a finished run's config.yaml says it was trained with."""
+    """What a finished run's config.yaml says it was trained and scored with."""
 
     model: ModelConfig
     data: DataConfig
+    eval: EvalConfig
     method: str
     quantization: str | None  # the base the adapter was trained on: None or nf4
 
 
 def read_run(run_dir: str | Path, changes: Mapping[str, Any] | None = None) -> RunSettings:
-    """The run's model and data settings with `changes` ({"data.root": ..., or a whole "data"})
-    on top: the same adapter scored on a moved dataset or a model at another path."""
+    """The run's settings with `changes` ({"data.root": ...}) on top, interpolations resolved
+    against the run: the same adapter scored on a moved dataset or a model at another path."""
     run_dir = require_finished_run(run_dir, "run_dir", ("config.yaml", "tasks.json", "adapter"))
     saved = OmegaConf.load(run_dir / "config.yaml")
-    for key, value in sorted((changes or {}).items(), key=lambda item: item[0].count(".")):
+    for key, value in (changes or {}).items():
         OmegaConf.update(saved, key, value, merge=False)
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
-    data = OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data)
+    OmegaConf.resolve(saved)
+    typed = {
+        group: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), saved[group]))
+        for group, schema in zip(RUN_GROUPS, (ModelConfig, DataConfig, EvalConfig), strict=True)
+    }
     return RunSettings(
-        OmegaConf.to_object(model),  # type: ignore[arg-type]
-        OmegaConf.to_object(data),  # type: ignore[arg-type]
-        str(saved.method.name),
-        OmegaConf.select(saved, "hardware.quantization"),
+        **typed,  # type: ignore[arg-type]
+        method=str(saved.method.name),
+        quantization=OmegaConf.select(saved, "hardware.quantization"),
     )
 
 

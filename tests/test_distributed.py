@@ -116,11 +116,10 @@ def test_two_processes_train_like_one(hardware: str, reference: Path, tmp_path: 
 
 def test_two_process_eval_scores_like_the_run(reference: Path, tmp_path: Path) -> None:
     """`moelora eval run_dir=... hardware=ddp` launches too and shares the dev set between the
-    processes: the same answers and scores as the run's own final scoring."""
+    processes: with the run's own eval settings, the answers and scores of its final scoring."""
     out = tmp_path / "eval"
     command = [sys.executable, "-m", "moelora", "eval", f"run_dir={reference}"]
-    command += ["eval.batch_size=16", "eval.max_new_tokens=6", "hardware=ddp"]
-    command += ["hardware.num_processes=2", f"output_dir={out}"]
+    command += ["hardware=ddp", "hardware.num_processes=2", f"output_dir={out}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "launching 2 processes" in done.stdout

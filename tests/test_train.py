@@ -98,7 +98,22 @@ def test_eval_takes_data_and_model_settings_over_the_runs(finished_run, tmp_path
     assert "data.root='/nowhere' is not a folder" in done.stderr
     done = moelora("eval", *scoring, "model.name_or_path=/nowhere")  # the base has moved
     assert done.returncode == 2 and "/nowhere" in done.stderr
+    done = moelora("eval", *scoring, "data=demo")  # would drop the run's own data settings
+    assert done.returncode == 2 and "change single keys instead (data.<key>=...)" in done.stderr
+    done = moelora("eval", f"run_dir={run_dir}", f"output_dir={run_dir}")
+    assert done.returncode == 2 and "holds a training run" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_runs_settings_take_changes_resolved_against_the_run(finished_run) -> None:
+    from moelora.rundir import read_run
+
+    run_dir, _ = finished_run
+    changes = {"data.eval_files": "${data.train_files}", "eval.max_new_tokens": 3}
+    settings = read_run(run_dir, changes)
+    assert settings.data.eval_files == settings.data.train_files == ["train.jsonl"]
+    assert settings.eval.max_new_tokens == 3 and settings.eval.batch_size == 16  # the run's
+    assert settings.method == "moelora" and settings.quantization is None
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path) -> None:

@@ -11,7 +11,8 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from moelora.adapters.config import MODULA
 from moelora.config import EvalConfig, EvalRunConfig, TrainConfig
@@ -25,7 +26,7 @@ from moelora.evaluate.report import write_predictions, write_report
 from moelora.hardware import check_hardware, make_accelerator
 from moelora.launch import launch, needs_launch
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
-from moelora.rundir import load_run, read_run
+from moelora.rundir import RUN_GROUPS, guard_eval_output, load_run, read_run
 
 
 def inference_stage(method: str, force_domain: bool) -> str | None:
@@ -96,6 +97,7 @@ def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) 
 def evaluate_command(raw: DictConfig) -> None:
     cfg: EvalRunConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     out_dir = Path(cfg.output_dir)
+    guard_eval_output(out_dir)
     if cfg.predictions:
         _score_file(cfg, out_dir)
         return
@@ -106,16 +108,26 @@ def evaluate_command(raw: DictConfig) -> None:
             f"(hardware={cfg.hardware.name}); use hardware=ddp to share the dev set between GPUs."
         )
     if needs_launch(cfg.hardware):
+        if not HydraConfig.initialized():
+            raise UserError(
+                f"hardware={cfg.hardware.name} ({cfg.hardware.num_processes} processes) needs a "
+                f"distributed launch; start it with the moelora command, which launches them."
+            )
         overrides = list(HydraConfig.get().overrides.task)
         launch(cfg.hardware, "eval", overrides, f"output_dir={out_dir}")
         return
+    eval_cfg = cfg.eval
+    if cfg.run_dir:  # the run's own settings, with the command line's keys on top
+        changes = command_line_changes()
+        settings = read_run(cfg.run_dir, changes)
+        check_files(settings.data, ("eval",))  # before the model loads
+        eval_cfg = settings.eval
+        inference_stage(settings.method, eval_cfg.force_domain)
     accelerator = make_accelerator(cfg.hardware)
     quantization = cfg.hardware.quantization
     on_cpu = accelerator.device.type == "cpu"
     placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
     if cfg.run_dir:
-        changes = command_line_changes(raw)
-        check_files(read_run(cfg.run_dir, changes).data, ("eval",))  # before the model loads
         run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu, *placed, changes)
         if run.quantization != quantization:
             accelerator.print(
@@ -123,7 +135,7 @@ def evaluate_command(raw: DictConfig) -> None:
                 f"scored on a {quantization or 'full-precision'} one; hardware.quantization="
                 f"{run.quantization or 'null'} scores it as trained."
             )
-        run.model.set_stage(inference_stage(run.method, cfg.eval.force_domain))
+        run.model.set_stage(inference_stage(run.method, eval_cfg.force_domain))
         model, tokenizer, data_cfg = run.model, run.tokenizer, run.data_cfg
         registry, title = run.registry, f"run {cfg.run_dir} ({run.method})"
     else:
@@ -138,7 +150,7 @@ def evaluate_command(raw: DictConfig) -> None:
         model,
         tokenizer,
         data.eval,
-        cfg.eval,
+        eval_cfg,
         data_cfg.max_target_length,
         accelerator,
         "eval",
@@ -149,20 +161,25 @@ def evaluate_command(raw: DictConfig) -> None:
         print((out_dir / "report.md").read_text())
 
 
-def command_line_changes(raw: DictConfig) -> dict[str, Any]:
-    """The model./data. settings given on the command line, with their composed values: they
-    apply on top of a run's own (`data.root=` where the dev set now lives, `data.eval_files=`
-    another split, `model.name_or_path=` where the base now is)."""
+def command_line_changes() -> dict[str, Any]:
+    """The model./data./eval. keys given on the command line, as typed (an interpolation is
+    resolved against the run's config): they apply on top of the run's own settings
+    (`data.root=` where the dev set now lives, `model.name_or_path=` where the base now is)."""
     if not HydraConfig.initialized():
         return {}
+    parser = OverridesParser.create()
     changes = {}
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.split(".")[0] in ("model", "data"):
-            value = OmegaConf.select(raw, key)
-            if isinstance(value, DictConfig | ListConfig):
-                value = OmegaConf.to_container(value, resolve=True)
-            changes[key] = value
+    for override in parser.parse_overrides(list(HydraConfig.get().overrides.task)):
+        key = override.key_or_group
+        group = key.split(".")[0]
+        if group not in RUN_GROUPS or override.is_delete():
+            continue
+        if key == group:
+            raise UserError(
+                f"{group}={override.value()} would replace the settings run_dir's run was "
+                f"trained with; change single keys instead ({group}.<key>=...)."
+            )
+        changes[key] = override.value()
     return changes
 
 

@@ -114,6 +114,7 @@ def train(raw_cfg: DictConfig) -> dict:
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg.hardware, run_dir, cfg.trainer.log_with, cfg.trainer)
+    accelerator.wait_for_everyone()  # every rank has read config.yaml before rank 0 rewrites it
     set_seed(cfg.trainer.seed)
     say = accelerator.print
 
