@@ -95,10 +95,10 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
         return overrides
     from moelora.rundir import guard_eval_output, guard_run_dir
 
-    resume = any(o.lower() in {"trainer.resume=true", "trainer.resume=1"} for o in overrides)
     try:
         if command == "train":
-            guard_run_dir(folders[-1], resume)
+            resume = {"trainer.resume=true", "trainer.resume=1"} & {o.lower() for o in overrides}
+            guard_run_dir(folders[-1], bool(resume))
         else:
             guard_eval_output(folders[-1])
     except UserError as err:

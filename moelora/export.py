@@ -26,13 +26,13 @@ def export_command(raw: DictConfig) -> None:
         raise UserError(f"formats={cfg.formats} must be a non-empty list from {FORMATS}.")
     run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu=True)
     task_id = run.registry.task_id(cfg.task) if cfg.task is not None else None
-    if run.method in ("moelora", *MODULA) and task_id is None:
+    if run.settings.method in ("moelora", *MODULA) and task_id is None:
         raise UserError(
-            f"a {run.method} run has one adapter per task; pass task=<name>, one of "
+            f"a {run.settings.method} run has one adapter per task; pass task=<name>, one of "
             f"{run.registry.tasks}."
         )
     domain_id = None
-    if run.method in MODULA:  # the task's domain expert (plus the universal one)
+    if run.settings.method in MODULA:  # the task's domain expert (plus the universal one)
         run.model.set_stage("domain")
         task_id, domain_id = None, run.registry.domain_id(cfg.task)
     out = Path(cfg.output_dir)
@@ -43,7 +43,7 @@ def export_command(raw: DictConfig) -> None:
             print(f"PEFT LoRA adapter: {out / 'peft'}")
         if "merged" in cfg.formats:
             merged = merge_adapter(run.model, task_id, domain_id=domain_id)
-            saved_dtype = _checkpoint_dtype(run.model_cfg)
+            saved_dtype = _checkpoint_dtype(run.settings.model)
             if saved_dtype is not None:
                 merged.to(saved_dtype)
             merged.save_pretrained(out / "merged")
@@ -51,7 +51,12 @@ def export_command(raw: DictConfig) -> None:
             print(f"merged model: {out / 'merged'}")
     except ValueError as err:
         raise UserError(str(err)) from None
-    info = {"run_dir": cfg.run_dir, "task": cfg.task, "method": run.method, "formats": cfg.formats}
+    info = {
+        "run_dir": cfg.run_dir,
+        "task": cfg.task,
+        "method": run.settings.method,
+        "formats": cfg.formats,
+    }
     (out / "export.json").write_text(json.dumps(info, ensure_ascii=False, indent=2))
 
 

@@ -14,6 +14,8 @@ import shlex
 import subprocess
 import sys
 
+from hydra.core.hydra_config import HydraConfig
+
 from moelora.config import HardwareConfig
 from moelora.errors import UserError
 from moelora.hardware import on_cpu, world_size
@@ -117,3 +119,15 @@ def launch(hardware: HardwareConfig, command: str, overrides: list[str], pinned:
         raise UserError(
             f"the launched run failed (exit {done.returncode}); its processes printed why above."
         )
+
+
+def launch_this_command(hardware: HardwareConfig, command: str, pinned: str) -> None:
+    """Launch the running Hydra command again, with its command-line overrides, over the
+    processes `hardware` asks for."""
+    if not HydraConfig.initialized():
+        raise UserError(
+            f"hardware={hardware.name} (strategy {hardware.strategy}, "
+            f"{hardware.num_processes} processes) needs a distributed launch; start it with the "
+            f"moelora command, which launches the processes."
+        )
+    launch(hardware, command, list(HydraConfig.get().overrides.task), pinned)

@@ -22,17 +22,6 @@ from moelora.errors import UserError
 from moelora.modeling import load_base_model, load_tokenizer
 
 
-@dataclass
-class LoadedRun:
-    model: AdaptedModel
-    tokenizer: PreTrainedTokenizerBase
-    model_cfg: ModelConfig
-    data_cfg: DataConfig
-    registry: TaskRegistry
-    method: str
-    quantization: str | None  # the base the adapter was trained on: None or nf4
-
-
 def guard_run_dir(run_dir: str | Path, resume: bool) -> None:
     """Refuse to train into a folder that already holds a run unless resuming it, so an old
     adapter or checkpoint is never overwritten by accident."""
@@ -140,6 +129,14 @@ def read_run(run_dir: str | Path, changes: Mapping[str, Any] | None = None) -> R
     )
 
 
+@dataclass
+class LoadedRun:
+    model: AdaptedModel
+    tokenizer: PreTrainedTokenizerBase
+    registry: TaskRegistry
+    settings: RunSettings
+
+
 def load_run(
     run_dir: str | Path,
     cache_dir: str,
@@ -147,23 +144,16 @@ def load_run(
     quantization: str | None = None,
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype = torch.float32,
-    changes: Mapping[str, Any] | None = None,
+    settings: RunSettings | None = None,
 ) -> LoadedRun:
-    """The run's base model with its trained adapter, as `read_run` describes them;
-    `quantization` etc. as in `load_base_model` (a QLoRA run is scored on its 4-bit base)."""
-    settings = read_run(run_dir, changes)
+    """The run's base model with its trained adapter, as `settings` (default: `read_run`)
+    describe them; `quantization` etc. as in `load_base_model` (a QLoRA run is scored on its
+    4-bit base)."""
+    settings = settings or read_run(run_dir)
     tokenizer = load_tokenizer(settings.model)
     base = load_base_model(
         settings.model, tokenizer, cache_dir, on_cpu, quantization, device, compute_dtype
     )
     model, _ = load_adapter(Path(run_dir) / "adapter", base)
     registry = TaskRegistry.load(Path(run_dir) / "tasks.json")
-    return LoadedRun(
-        model,
-        tokenizer,
-        settings.model,
-        settings.data,
-        registry,
-        settings.method,
-        settings.quantization,
-    )
+    return LoadedRun(model, tokenizer, registry, settings)

@@ -265,7 +265,7 @@ def test_qlora_preset_trains_and_evals_on_4bit(tmp_path, capsys) -> None:
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules()) == bool(
             quantization
         )
-        rows = prepare_data(run.data_cfg, run.tokenizer, run.registry).eval
+        rows = prepare_data(run.settings.data, run.tokenizer, run.registry).eval
         return round(eval_loss(run.model, rows, load_train_config(cfg), Accelerator(cpu=True)), 4)
 
     assert reloaded_eval_loss("nf4") == info["final_eval_loss"] != reloaded_eval_loss(None)

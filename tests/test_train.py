@@ -163,7 +163,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_model(finished_run, tmp_path)
     with torch.no_grad():
         ours = run.model(**ids, task_ids=torch.tensor([task_id])).logits
         merged = AutoModelForCausalLM.from_pretrained(out / "merged")(**ids).logits
-        base = load_base_model(run.model_cfg, run.tokenizer, cfg.cache_dir, on_cpu=True)
+        base = load_base_model(run.settings.model, run.tokenizer, cfg.cache_dir, on_cpu=True)
         plain = base(**ids).logits
         peft = PeftModel.from_pretrained(base, out / "peft").eval()(**ids).logits
     assert not torch.allclose(plain, ours, atol=1e-3), "the adapter changed nothing"
@@ -289,7 +289,7 @@ def test_export_of_a_modula_run_gives_the_tasks_domain_expert(tmp_path) -> None:
     ids = loaded.tokenizer("患者自述头痛。\n请给出就诊建议。\n答：", return_tensors="pt")
     with torch.no_grad():
         ours = loaded.model.eval()(**ids, domain_ids=domain).logits
-        base = load_base_model(loaded.model_cfg, loaded.tokenizer, cfg.cache_dir, on_cpu=True)
+        base = load_base_model(loaded.settings.model, loaded.tokenizer, cfg.cache_dir, on_cpu=True)
         peft = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()(**ids).logits
     torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-4)
 

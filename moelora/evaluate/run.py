@@ -24,7 +24,7 @@ from moelora.evaluate.generate import generate_answers
 from moelora.evaluate.promptcblue import score_predictions
 from moelora.evaluate.report import write_predictions, write_report
 from moelora.hardware import check_hardware, make_accelerator
-from moelora.launch import launch, needs_launch
+from moelora.launch import launch_this_command, needs_launch
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import RUN_GROUPS, guard_eval_output, load_run, read_run
 
@@ -108,36 +108,29 @@ def evaluate_command(raw: DictConfig) -> None:
             f"(hardware={cfg.hardware.name}); use hardware=ddp to share the dev set between GPUs."
         )
     if needs_launch(cfg.hardware):
-        if not HydraConfig.initialized():
-            raise UserError(
-                f"hardware={cfg.hardware.name} ({cfg.hardware.num_processes} processes) needs a "
-                f"distributed launch; start it with the moelora command, which launches them."
-            )
-        overrides = list(HydraConfig.get().overrides.task)
-        launch(cfg.hardware, "eval", overrides, f"output_dir={out_dir}")
+        launch_this_command(cfg.hardware, "eval", f"output_dir={out_dir}")
         return
-    eval_cfg = cfg.eval
+    eval_cfg, settings = cfg.eval, None
     if cfg.run_dir:  # the run's own settings, with the command line's keys on top
-        changes = command_line_changes()
-        settings = read_run(cfg.run_dir, changes)
+        settings = read_run(cfg.run_dir, command_line_changes())
         check_files(settings.data, ("eval",))  # before the model loads
         eval_cfg = settings.eval
-        inference_stage(settings.method, eval_cfg.force_domain)
+        stage = inference_stage(settings.method, eval_cfg.force_domain)
     accelerator = make_accelerator(cfg.hardware)
     quantization = cfg.hardware.quantization
     on_cpu = accelerator.device.type == "cpu"
     placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
-    if cfg.run_dir:
-        run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu, *placed, changes)
-        if run.quantization != quantization:
+    if settings is not None:
+        run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu, *placed, settings)
+        if settings.quantization != quantization:
             accelerator.print(
-                f"note: the run trained on a {run.quantization or 'full-precision'} base and is "
-                f"scored on a {quantization or 'full-precision'} one; hardware.quantization="
-                f"{run.quantization or 'null'} scores it as trained."
+                f"note: the run trained on a {settings.quantization or 'full-precision'} base "
+                f"and is scored on a {quantization or 'full-precision'} one; "
+                f"hardware.quantization={settings.quantization or 'null'} scores it as trained."
             )
-        run.model.set_stage(inference_stage(run.method, eval_cfg.force_domain))
-        model, tokenizer, data_cfg = run.model, run.tokenizer, run.data_cfg
-        registry, title = run.registry, f"run {cfg.run_dir} ({run.method})"
+        run.model.set_stage(stage)
+        model, tokenizer, data_cfg = run.model, run.tokenizer, settings.data
+        registry, title = run.registry, f"run {cfg.run_dir} ({settings.method})"
     else:
         tokenizer = load_tokenizer(cfg.model)
         model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, on_cpu, *placed)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -44,7 +43,7 @@ from moelora.hardware import (
     make_accelerator,
     save_deepspeed_config,
 )
-from moelora.launch import launch, needs_launch
+from moelora.launch import launch_this_command, needs_launch
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState, save_whole_adapter
@@ -97,14 +96,7 @@ def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
     if needs_launch(cfg.hardware):
-        if not HydraConfig.initialized():
-            raise UserError(
-                f"hardware={cfg.hardware.name} (strategy {cfg.hardware.strategy}, "
-                f"{cfg.hardware.num_processes} processes) needs a distributed launch; start it "
-                f"with the moelora command, which launches the processes."
-            )
-        overrides = list(HydraConfig.get().overrides.task)
-        launch(cfg.hardware, "train", overrides, f"run_dir={cfg.run_dir}")
+        launch_this_command(cfg.hardware, "train", f"run_dir={cfg.run_dir}")
         return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
     guard_run_dir(cfg.run_dir, cfg.trainer.resume)
     if cfg.trainer.resume:
@@ -170,20 +162,18 @@ def train(raw_cfg: DictConfig) -> dict:
     resume_from = checkpointer.latest_state() if cfg.trainer.resume else None
     before_file = run_dir / "scores_before.json"
 
+    def score(scored: torch.nn.Module, label: str) -> dict:
+        """Scores on the dev set, predictions_<label>.jsonl in the run dir."""
+        limit = cfg.data.max_target_length
+        return score_model(
+            scored, tokenizer, data.eval, cfg.eval, limit, accelerator, label, run_dir
+        )
+
     def score_before(prepared: torch.nn.Module) -> None:
         """Every method starts with B = 0, so the untrained adapted model is exactly its base."""
         if not (cfg.eval.enabled and cfg.eval.before) or before_file.exists():
             return
-        before = score_model(
-            prepared,
-            tokenizer,
-            data.eval,
-            cfg.eval,
-            cfg.data.max_target_length,
-            accelerator,
-            "before",
-            run_dir,
-        )
+        before = score(prepared, "before")
         if accelerator.is_main_process:
             before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
 
@@ -246,16 +236,7 @@ def train(raw_cfg: DictConfig) -> dict:
     }
     columns = {"before": _read_json(before_file)}
     if cfg.eval.enabled:
-        columns["after"] = score_model(
-            model,
-            tokenizer,
-            data.eval,
-            cfg.eval,
-            cfg.data.max_target_length,
-            accelerator,
-            "after",
-            run_dir,
-        )
+        columns["after"] = score(model, "after")
     if accelerator.is_main_process and cfg.eval.enabled:
         write_report(run_dir, f"moelora run: {cfg.method.name} on {cfg.data.name}", columns, info)
         say((run_dir / "report.md").read_text())
@@ -441,7 +422,7 @@ def _optimizer_step(
             accelerator.backward(loss)
         lm_sum += float(out.lm_loss.detach()) * count
         for name, value in out.aux_losses.items():
-            aux_sums[name] = aux_sums.get(name, 0.0) + float(value) / len(micro)
+            aux_sums[name] = aux_sums.get(name, 0.0) + float(value) / steps
     if max_grad_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     # What is logged covers every process's rows, as one big batch would.
