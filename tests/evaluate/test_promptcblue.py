@@ -1,4 +1,5 @@
-"""PromptCBLUE scoring on the real toy rows, hand-made wrong answers, and the task_type fallback."""
+"""The lenient PromptCBLUE reading (eval.scorer=lenient) on the real toy rows, hand-made wrong
+answers, and the task_type fallback; test_official.py checks the official reading."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _row(rows: list[dict], sample_id: str) -> dict:
 
 
 def _score_one(row: dict, prediction: str) -> float:
-    return score_task(row["task_dataset"], row["task_type"], [prediction], [row])
+    return score_task(row["task_dataset"], row["task_type"], [prediction], [row], "lenient")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def _score_one(row: dict, prediction: str) -> float:
 def test_every_gold_scores_one_against_itself(split):
     rows = _load(split)
     assert {r["task_dataset"] for r in rows} == SIXTEEN
-    result = score_predictions(rows, [r["target"] for r in rows])
+    result = score_predictions(rows, [r["target"] for r in rows], "lenient")
     assert set(result["per_task"]) == SIXTEEN
     for task, score in result["per_task"].items():
         assert score == 1.0, task
@@ -79,11 +80,13 @@ def test_gold_structures_are_not_empty(train, dev):
                  "IMCS-V2-SR"):  # fmt: skip
         rows = [r for r in train + dev if r["task_dataset"] == task]
         parsed = [
-            parse_answer(task, r["task_type"], r["target"], r["answer_choices"]) for r in rows
+            parse_answer(task, r["task_type"], r["target"], r["answer_choices"], "lenient")
+            for r in rows
         ]
         assert sum(len(p) for p in parsed) >= 5, task
     mrg = _row(dev, "dev-335")
-    assert list(parse_answer("IMCS-V2-MRG", "report_generation", mrg["target"])) == [
+    sections = parse_answer("IMCS-V2-MRG", "report_generation", mrg["target"], scorer="lenient")
+    assert list(sections) == [
         "主诉", "现病史", "辅助检查", "既往史", "诊断", "建议",
     ]  # fmt: skip
 
@@ -117,7 +120,7 @@ def test_imcs_ner_wrong_type(dev):
 
 def test_cmeie_one_wrong_tail(dev):
     row = _row(dev, "dev-2536")  # 8 triples: 相关（转化）2, 病理分型 1, 临床表现 4, 阶段 1
-    assert len(parse_answer("CMeIE", "spo_generation", row["target"])) == 8
+    assert len(parse_answer("CMeIE", "spo_generation", row["target"], scorer="lenient")) == 8
     pred = row["target"].replace("尾实体为前驱期", "尾实体为潜伏期")
     # TP 7, FP 1, FN 1 -> 7/8
     assert _score_one(row, pred) == pytest.approx(7 / 8)
@@ -177,7 +180,7 @@ def test_qic_macro_f1_with_one_wrong_label(dev):
     assert [r["target"] for r in rows] == ["就医建议"] * 5
     preds = ["就医建议"] * 4 + ["病因分析"]
     # 就医建议: P 1, R 4/5 -> F1 8/9; 病因分析 (predicted only): F1 0 -> macro 4/9
-    assert score_task("KUAKE-QIC", "cls", preds, rows) == pytest.approx(4 / 9)
+    assert score_task("KUAKE-QIC", "cls", preds, rows, "lenient") == pytest.approx(4 / 9)
 
 
 def test_qtr_weighted_f1(dev):
@@ -190,7 +193,7 @@ def test_qtr_weighted_f1(dev):
     preds[1] = "部分匹配"
     # 完全匹配 (support 3): P 1, R 2/3 -> 0.8; the other two gold labels 1.0; 部分匹配 0 with
     # support 0 -> weighted (1 + 3 * 0.8 + 1) / 5 = 0.88 (true micro-F1 would be 4/5)
-    assert score_task("KUAKE-QTR", "matching", preds, rows) == pytest.approx(0.88)
+    assert score_task("KUAKE-QTR", "matching", preds, rows, "lenient") == pytest.approx(0.88)
 
 
 def test_sts_synonyms_and_empty_label(dev):
@@ -199,7 +202,7 @@ def test_sts_synonyms_and_empty_label(dev):
     assert _score_one(row, " 是的 \n") == 1.0
     assert _score_one(row, "") == 1.0  # an empty answer becomes the official first label 是的
     ctc = [r for r in dev if r["task_dataset"] == "CHIP-CTC"]  # all 非上述类型
-    assert score_task("CHIP-CTC", "cls", [""] * len(ctc), ctc) == 1.0
+    assert score_task("CHIP-CTC", "cls", [""] * len(ctc), ctc, "lenient") == 1.0
 
 
 def test_meddg_truncated_reply(dev):
@@ -235,7 +238,7 @@ def test_overall_is_mean_of_tasks(dev):
     preds = [r["target"] for r in dev]
     qic = [i for i, r in enumerate(dev) if r["task_dataset"] == "KUAKE-QIC"]
     preds[qic[-1]] = "病因分析"  # KUAKE-QIC drops to 4/9 (see above)
-    result = score_predictions(dev, preds)
+    result = score_predictions(dev, preds, "lenient")
     assert result["per_task"]["KUAKE-QIC"] == pytest.approx(4 / 9)
     assert result["overall"] == pytest.approx((15 + 4 / 9) / 16)
     assert sum(result["num_rows"].values()) == 80
@@ -243,7 +246,7 @@ def test_overall_is_mean_of_tasks(dev):
 
 def test_mixed_splits_group_by_task(train, dev):
     rows = train + dev
-    result = score_predictions(rows, [r["target"] for r in rows])
+    result = score_predictions(rows, [r["target"] for r in rows], "lenient")
     assert result["num_rows"] == dict.fromkeys(SIXTEEN, 10)
     assert result["overall"] == 1.0
 
@@ -272,11 +275,13 @@ def test_fallback_cls_is_macro_and_matching_is_weighted():
     sts_pred = ["是的", "是的", "不是", "不是"]
     # 是的: P 1, R 2/3 -> 0.8 (support 3); 不是: P 1/2, R 1 -> 2/3 (support 1)
     rows = [_demo("DEMO-STS", "matching", g, ["是的", "不是"]) for g in sts_gold]
-    assert score_task("DEMO-STS", "matching", sts_pred, rows) == pytest.approx(
+    assert score_task("DEMO-STS", "matching", sts_pred, rows, "lenient") == pytest.approx(
         (3 * 0.8 + 2 / 3) / 4
     )
     rows = [_demo("DEMO-CLS", "cls", g, ["是的", "不是"]) for g in sts_gold]
-    assert score_task("DEMO-CLS", "cls", sts_pred, rows) == pytest.approx((0.8 + 2 / 3) / 2)
+    assert score_task("DEMO-CLS", "cls", sts_pred, rows, "lenient") == pytest.approx(
+        (0.8 + 2 / 3) / 2
+    )
 
 
 def test_fallback_ner_is_cmeee_style():
@@ -310,7 +315,7 @@ def test_fallback_other_types_score_gold_as_one():
         _demo("DEMO-ATTR", "attr_cls", "判别如下：\n咳嗽：阳性\n发热：阴性", ["阳性", "阴性"]),
         _demo("DEMO-CHAT", "response_generation", "多喝水，注意休息。"),
     ]
-    result = score_predictions(rows, [r["target"] for r in rows])
+    result = score_predictions(rows, [r["target"] for r in rows], "lenient")
     assert result["per_task"] == dict.fromkeys([r["task_dataset"] for r in rows], 1.0)
     assert _score_one(rows[3], "咳嗽：阳性\n发热：阳性") == pytest.approx(0.5)
 
@@ -329,7 +334,7 @@ def test_unknown_task_raises_clear_error():
     with pytest.raises(ValueError, match=r"'MYSTERY'.*task_type 'qa'.*cls, matching, ner"):
         score_task("MYSTERY", "qa", ["答案"], [row])
     with pytest.raises(UserError):
-        score_predictions([row], ["答案"])
+        score_predictions([row], ["答案"], "lenient")
 
 
 def test_length_mismatch_and_empty_input():
@@ -337,6 +342,6 @@ def test_length_mismatch_and_empty_input():
     with pytest.raises(ValueError, match="2 predictions for 1 rows"):
         score_task("DEMO-CLS", "cls", ["是的", "不是"], [row])
     with pytest.raises(ValueError):
-        score_predictions([row], [])
+        score_predictions([row], [], "lenient")
     with pytest.raises(ValueError):
-        score_predictions([], [])
+        score_predictions([], [], "lenient")
