@@ -138,6 +138,9 @@ class EvalConfig:
     force_domain: bool = False
     # Also report the mean over these tasks (cmedical: the 8 tasks the MOELoRA paper scores).
     summary_tasks: list[str] | None = None
+    # How answers are read: official (the PromptCBLUE scorer, leaderboard numbers), lenient
+    # (kinder to messy output), or both (official is the headline, lenient a second column).
+    scorer: str = "official"
 
 
 @dataclass

@@ -65,10 +65,19 @@ def test_eval_scores_a_predictions_file(tmp_path: Path) -> None:
             text = "" if row is ner[0] else row["target"]
             handle.write(json.dumps({"sample_id": row["sample_id"], "prediction": text}) + "\n")
     out = tmp_path / "out"
-    result = moelora("eval", f"predictions={preds}", f"hydra.run.dir={out}")
+    result = moelora("eval", f"predictions={preds}", "eval.scorer=both", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
-    per_task = json.loads((out / "metrics.json").read_text())["score"]["per_task"]
-    assert per_task["DEMO-CLS"] == per_task["DEMO-STS"] == per_task["DEMO-GEN"] == 1.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["score"]["scorer"], metrics["score_lenient"]["scorer"]) == (
+        "official",
+        "lenient",
+    )
+    assert "| task | rows | score (official) | score (lenient) |" in result.stdout
+    lenient = metrics["score_lenient"]["per_task"]
+    assert lenient["DEMO-CLS"] == lenient["DEMO-STS"] == lenient["DEMO-GEN"] == 1.0
+    per_task = metrics["score"]["per_task"]
+    assert per_task["DEMO-CLS"] == per_task["DEMO-STS"] == 1.0
+    assert per_task["DEMO-GEN"] == pytest.approx(2 / (2 + 1e-8), abs=1e-12)  # rouge_chinese's eps
     entities = [
         sum(
             len(line.split("：", 1)[1].split("，"))
@@ -79,6 +88,38 @@ def test_eval_scores_a_predictions_file(tmp_path: Path) -> None:
     ]
     missed = entities[0]
     assert per_task["DEMO-NER"] == (2 * (sum(entities) - missed)) / (2 * sum(entities) - missed)
+
+
+def test_eval_notes_and_scores_rows_with_an_empty_target(tmp_path: Path) -> None:
+    gold = [json.loads(line) for line in (REPO / "data/demo/dev.jsonl").open(encoding="utf-8")]
+    blank = {
+        next(r["sample_id"] for r in gold if r["task_dataset"] == t)
+        for t in ("DEMO-NER", "DEMO-CLS")
+    }
+    with (tmp_path / "dev.jsonl").open("w", encoding="utf-8") as handle:
+        for row in gold:
+            handle.write(
+                json.dumps(row | {"target": ""} if row["sample_id"] in blank else row) + "\n"
+            )
+    preds = tmp_path / "preds.jsonl"
+    with preds.open("w", encoding="utf-8") as handle:
+        for row in gold:  # the original answers: the blanked NER row adds false positives
+            handle.write(
+                json.dumps({"sample_id": row["sample_id"], "prediction": row["target"]}) + "\n"
+            )
+    out = tmp_path / "out"
+    result = moelora(
+        "eval", f"predictions={preds}", f"data.root={tmp_path}", f"hydra.run.dir={out}"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "2 eval rows have an empty target" in notes[0]
+    assert "left out of DEMO-CLS" in notes[0]
+    score = json.loads((out / "metrics.json").read_text())["score"]
+    assert score["empty_targets"] == {"DEMO-NER": 1, "DEMO-CLS": 1}
+    assert score["per_task"]["DEMO-CLS"] == 1.0  # the blank row is left out, the rest are right
+    assert 0 < score["per_task"]["DEMO-NER"] < 1  # the blank row's answers are false positives
+    assert "Rows with an empty target" in (out / "report.md").read_text()
 
 
 def test_eval_refuses_a_prediction_for_an_unknown_sample(tmp_path: Path) -> None:

@@ -15,14 +15,36 @@ def _cell(scores: dict | None, task: str | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+SCORER_NOTES = {
+    "official": "official = the PromptCBLUE scorer's reading of the answers, as on the leaderboard",
+    "lenient": "lenient = a kinder reading of messy answers (stripped spaces, half-width "
+    "punctuation, optional lead-in lines), for development only",
+}
+
+
+def _header(name: str, scores: dict | None) -> str:
+    """`after_lenient` -> "after (lenient)"; a column without scores keeps its name."""
+    if not scores or "scorer" not in scores:
+        return name
+    return f"{name.removesuffix('_' + scores['scorer'])} ({scores['scorer']})"
+
+
 def render_report(title: str, columns: dict[str, dict | None], info: dict[str, Any]) -> str:
-    """A markdown report: one row per task, one column per scored model (e.g. before/after)."""
+    """A markdown report: one row per task, one column per scored model (e.g. before/after) and
+    reading (official, lenient)."""
     tasks = sorted({t for s in columns.values() if s for t in s["per_task"]})
     counts = next(s["num_rows"] for s in columns.values() if s)
-    head = "| task | rows | " + " | ".join(columns) + " |"
+    head = "| task | rows | " + " | ".join(_header(n, s) for n, s in columns.items()) + " |"
+    scorers = dict.fromkeys(s["scorer"] for s in columns.values() if s and "scorer" in s)
     lines = [f"# {title}", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["", "Scores are percentages (PromptCBLUE metrics, greedy decoding).", ""]
+    notes = "; ".join(SCORER_NOTES[s] for s in scorers)
+    lines += ["", f"Scores are percentages (PromptCBLUE metrics, greedy decoding); {notes}."]
+    empty = next((s.get("empty_targets") for s in columns.values() if s), None)
+    if empty:
+        where = ", ".join(f"{task} {n}" for task, n in empty.items())
+        lines += [f"Rows with an empty target, scored as the official scorer does: {where}."]
+    lines += [""]
     lines += [head, "|" + "---|" * (len(columns) + 2)]
     for task in tasks:
         cells = " | ".join(_cell(s, task) for s in columns.values())

@@ -21,7 +21,7 @@ from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
-from moelora.evaluate.promptcblue import score_predictions
+from moelora.evaluate.promptcblue import empty_target_note, score_predictions, scorers_of
 from moelora.evaluate.report import write_predictions, write_report
 from moelora.hardware import check_hardware, make_accelerator
 from moelora.launch import launch_this_command, needs_launch
@@ -55,6 +55,30 @@ def with_summary(scores: dict, tasks: list[str] | None) -> dict:
     return {**scores, "summary": {"tasks": list(tasks), "overall": mean}}
 
 
+def score_rows(rows, predictions: list[str], eval_cfg: EvalConfig) -> dict[str, dict]:
+    """The scores of each reading `eval.scorer` asks for, by scorer name, the headline first."""
+    return {
+        name: with_summary(score_predictions(rows, predictions, name), eval_cfg.summary_tasks)
+        for name in scorers_of(eval_cfg.scorer)
+    }
+
+
+def report_columns(label: str, scored: dict[str, dict]) -> dict[str, dict]:
+    """Report columns of one scoring: the headline reading under `label` ("after"), any other
+    under `<label>_<scorer>` ("after_lenient")."""
+    if not scored:
+        return {label: None}
+    headline, *others = scored
+    return {label: scored[headline], **{f"{label}_{name}": scored[name] for name in others}}
+
+
+def say_empty_targets(rows, say) -> None:
+    """One note line when eval rows have an empty gold target (scored as officially)."""
+    note = empty_target_note(list(rows))
+    if note:
+        say(note)
+
+
 def score_model(
     model: torch.nn.Module,
     tokenizer,
@@ -64,18 +88,18 @@ def score_model(
     accelerator: Accelerator,
     label: str,
     out_dir: Path,
-) -> dict:
-    """Generate greedily for every eval row and score per task; writes
-    predictions_<label>.jsonl into `out_dir`."""
+) -> dict[str, dict]:
+    """Generate greedily for every eval row and score per task with each reading of
+    `eval.scorer` (see `score_rows`); writes predictions_<label>.jsonl into `out_dir`."""
     max_new = eval_cfg.max_new_tokens or max_target_length
     predictions = generate_answers(
         model, tokenizer, rows, eval_cfg.batch_size, max_new, accelerator, f"scoring ({label})"
     )
-    scores = with_summary(score_predictions(list(rows), predictions), eval_cfg.summary_tasks)
+    scored = score_rows(list(rows), predictions, eval_cfg)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_predictions(out_dir / f"predictions_{label}.jsonl", rows, predictions)
-    return scores
+    return scored
 
 
 @torch.no_grad()
@@ -98,6 +122,7 @@ def evaluate_command(raw: DictConfig) -> None:
     cfg: EvalRunConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     out_dir = Path(cfg.output_dir)
     guard_eval_output(out_dir)
+    scorers_of(cfg.eval.scorer)
     if cfg.predictions:
         _score_file(cfg, out_dir)
         return
@@ -115,6 +140,7 @@ def evaluate_command(raw: DictConfig) -> None:
         settings = read_run(cfg.run_dir, command_line_changes())
         check_files(settings.data, ("eval",))  # before the model loads
         eval_cfg = settings.eval
+        scorers_of(eval_cfg.scorer)
         stage = inference_stage(settings.method, eval_cfg.force_domain)
     accelerator = make_accelerator(cfg.hardware)
     quantization = cfg.hardware.quantization
@@ -137,6 +163,8 @@ def evaluate_command(raw: DictConfig) -> None:
         data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
         registry = TaskRegistry.from_rows(read_eval_rows(data_cfg))
     data = prepare_data(data_cfg, tokenizer, registry)
+    if accelerator.is_main_process:
+        say_empty_targets(data.eval, print)
     if not quantization:  # a 4-bit base is placed while loading
         model.to(accelerator.device)
     scores = score_model(
@@ -150,7 +178,8 @@ def evaluate_command(raw: DictConfig) -> None:
         out_dir,
     )
     if accelerator.is_main_process:
-        write_report(out_dir, f"moelora eval: {title}", {"score": scores}, {"source": title})
+        columns = report_columns("score", scores)
+        write_report(out_dir, f"moelora eval: {title}", columns, {"source": title})
         print((out_dir / "report.md").read_text())
 
 
@@ -204,8 +233,9 @@ def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:
     missing = len(gold) - len(predicted)
     if missing:
         print(f"warning: {missing} gold rows have no prediction and score as empty answers")
-    scores = score_predictions(gold, [predicted.get(r["sample_id"], "") for r in gold])
-    scores = with_summary(scores, cfg.eval.summary_tasks)
+    say_empty_targets(gold, print)
+    scored = score_rows(gold, [predicted.get(r["sample_id"], "") for r in gold], cfg.eval)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, f"moelora eval: {path.name}", {"score": scores}, {"source": str(path)})
+    columns = report_columns("score", scored)
+    write_report(out_dir, f"moelora eval: {path.name}", columns, {"source": str(path)})
     print((out_dir / "report.md").read_text())

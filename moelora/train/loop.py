@@ -32,8 +32,16 @@ from moelora.data.mixture import MixtureSampler, balanced_over_domains
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
+from moelora.evaluate.promptcblue import scorers_of
 from moelora.evaluate.report import write_report
-from moelora.evaluate.run import eval_loss, inference_stage, score_model, with_summary
+from moelora.evaluate.run import (
+    eval_loss,
+    inference_stage,
+    report_columns,
+    say_empty_targets,
+    score_model,
+    with_summary,
+)
 from moelora.hardware import (
     built_whole,
     check_hardware,
@@ -76,6 +84,7 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
             "method.stages (method.stages=[domain,router])."
         )
     inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
+    scorers_of(cfg.eval.scorer)
     check_hardware(cfg.hardware)
     if cfg.hardware.strategy == "deepspeed" and len(cfg.method.stages) > 1:
         raise UserError(
@@ -121,6 +130,8 @@ def train(raw_cfg: DictConfig) -> dict:
         present = {data.registry.domain_of[task] for task in sampler.rows_of}
         check_added_domains(earlier.domains, present, cfg.method.add_domains)
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
+    if cfg.eval.enabled:
+        say_empty_targets(data.eval, say)
 
     tiny = cfg.model.name_or_path == "tiny"  # built and warmed up here, not loaded
     with built_whole(accelerator) if tiny else contextlib.nullcontext():
@@ -162,8 +173,8 @@ def train(raw_cfg: DictConfig) -> dict:
     resume_from = checkpointer.latest_state() if cfg.trainer.resume else None
     before_file = run_dir / "scores_before.json"
 
-    def score(scored: torch.nn.Module, label: str) -> dict:
-        """Scores on the dev set, predictions_<label>.jsonl in the run dir."""
+    def score(scored: torch.nn.Module, label: str) -> dict[str, dict]:
+        """Scores on the dev set by reading, predictions_<label>.jsonl in the run dir."""
         limit = cfg.data.max_target_length
         return score_model(
             scored, tokenizer, data.eval, cfg.eval, limit, accelerator, label, run_dir
@@ -234,9 +245,9 @@ def train(raw_cfg: DictConfig) -> dict:
         **peak_memory(accelerator),
         "final_eval_loss": round(eval_loss(model, data.eval, cfg, accelerator), 4),
     }
-    columns = {"before": _read_json(before_file)}
+    columns = report_columns("before", _read_json(before_file) or {})
     if cfg.eval.enabled:
-        columns["after"] = score(model, "after")
+        columns |= report_columns("after", score(model, "after"))
     if accelerator.is_main_process and cfg.eval.enabled:
         write_report(run_dir, f"moelora run: {cfg.method.name} on {cfg.data.name}", columns, info)
         say((run_dir / "report.md").read_text())
