@@ -22,6 +22,7 @@ USAGE = """usage: moelora <command> [overrides...]
 commands:
   train    fine-tune with a method on a data mixture, then evaluate  (configs/train.yaml)
   eval     score a run, a base model, or a predictions file          (configs/eval.yaml)
+  predict  a run's answers for rows without targets, or for one prompt (configs/predict.yaml)
   export   write a PEFT LoRA adapter or a merged model for one task  (configs/export.yaml)
 
 examples:
@@ -29,6 +30,7 @@ examples:
   moelora train +experiment=demo method=moelora trainer.lr=1e-3
   moelora train -m +experiment=demo method=lora,moelora
   moelora eval run_dir=outputs/2026-11-23/10-00-00
+  moelora predict run_dir=outputs/2026-11-23/10-00-00 data.eval_files=[test.json]
   moelora train --help            (config groups and the composed config)
 """
 
@@ -45,6 +47,12 @@ def _run_eval(cfg: DictConfig) -> None:
     evaluate_command(cfg)
 
 
+def _run_predict(cfg: DictConfig) -> None:
+    from moelora.evaluate.predict import predict_command
+
+    predict_command(cfg)
+
+
 def _run_export(cfg: DictConfig) -> None:
     from moelora.export import export_command
 
@@ -54,6 +62,7 @@ def _run_export(cfg: DictConfig) -> None:
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "train": _run_train,
     "eval": _run_eval,
+    "predict": _run_predict,
     "export": _run_export,
 }
 
@@ -73,12 +82,13 @@ def _hydra_app(command: str) -> Callable[[], None]:
 
 
 # The key that names where a command writes; it also becomes Hydra's output dir.
-OUTPUT_KEYS = {"train": "run_dir", "eval": "output_dir"}
+OUTPUT_KEYS = {"train": "run_dir", "eval": "output_dir", "predict": "output_dir"}
 
 
 def _translate(command: str, overrides: list[str]) -> list[str]:
-    """`run_dir=X` on `train` (`output_dir=X` on `eval`) also moves Hydra's output dir there, so
-    resuming is one override; an existing run there is refused before Hydra writes into it."""
+    """`run_dir=X` on `train` (`output_dir=X` on `eval` and `predict`) also moves Hydra's output
+    dir there, so resuming is one override; an existing run there is refused before Hydra
+    writes into it."""
     key = OUTPUT_KEYS.get(command)
     if key is None:
         return overrides

@@ -156,17 +156,34 @@ class TrainConfig:
 
 
 @dataclass
-class EvalRunConfig:
-    """`moelora eval`: score a training run, a base model, or a predictions file."""
+class GenerationRunConfig:
+    """What `eval` and `predict` share: model, data and eval settings (a run's own, with the
+    command line's keys on top, when run_dir is given), the hardware and where to write."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    run_dir: str | None = None  # a training run to re-score (its config and adapter are used)
-    predictions: str | None = None  # a JSONL of {sample_id, prediction} to score without a model
     output_dir: str = MISSING
     cache_dir: str = MISSING
+
+
+@dataclass
+class EvalRunConfig(GenerationRunConfig):
+    """`moelora eval`: score a training run, a base model, or a predictions file."""
+
+    run_dir: str | None = None  # a training run to re-score (its config and adapter are used)
+    predictions: str | None = None  # a JSONL of {sample_id, prediction} to score without a model
+
+
+@dataclass
+class PredictConfig(GenerationRunConfig):
+    """`moelora predict`: a run's answers for rows without targets (a test split), or for one
+    prompt typed on the command line."""
+
+    run_dir: str = MISSING
+    input: str | None = None  # one prompt to answer on the console instead of the eval files
+    task: str | None = None  # the task of that prompt (needed by task-routed methods)
 
 
 @dataclass
@@ -185,6 +202,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
     if not OmegaConf.has_resolver("moelora_data"):
         OmegaConf.register_new_resolver("moelora_data", lambda sub="": str(DATA_DIR / sub))

@@ -10,6 +10,7 @@ from typing import NoReturn
 METHODS = ("lora", "moelora", "molora", "modula", "modula_res", "contrastive")
 TOKEN_ROUTED = ("molora", "contrastive")
 MODULA = ("modula", "modula_res")
+TASK_ROUTED = ("moelora",)  # the gate reads each row's task id, also at inference
 STAGES = ("universal", "domain", "router")
 # The fields that decide which adapter tensors exist and their shapes (with num_tasks/num_domains).
 SHAPE_FIELDS = (

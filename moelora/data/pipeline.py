@@ -41,6 +41,14 @@ def read_split(cfg: DataConfig, split: str) -> Dataset:
     return load_split(cfg.root, getattr(cfg, key[5:]), key, tasks)
 
 
+def read_rows_to_answer(cfg: DataConfig) -> Dataset:
+    """Every row of the eval files (or `data.dataset`'s eval split) in order, targets optional:
+    what `moelora predict` answers (no task filter, no per-task limit)."""
+    if cfg.dataset:
+        return load_named_split(cfg.dataset, cfg.eval_split, "data.eval_split", needs_target=False)
+    return load_split(cfg.root, cfg.eval_files, "data.eval_files", None, needs_target=False)
+
+
 def _first_per_task(rows: Dataset, limit: int | None) -> Dataset:
     if limit is None:
         return rows

@@ -54,27 +54,32 @@ def _first_bad_json_line(path: Path) -> str:
     return f"{path} could not be read as JSON Lines"
 
 
-def read_rows(path: Path) -> Dataset:
+def read_rows(path: Path, needs_target: bool = True) -> Dataset:
     """One JSON/JSONL file (or a `save_to_disk` folder) as a Dataset with the six PromptCBLUE
     columns; a row missing a required field, a non-JSON line or an empty file stops with the
-    file and line (row number for a saved dataset)."""
+    file and line (row number for a saved dataset). Without `needs_target` (rows to answer, such
+    as a test split) a missing target reads as ""."""
     datasets.disable_progress_bars()
     if is_saved_dataset(path):
-        return normalise(datasets.load_from_disk(str(path)), str(path))
+        return normalise(datasets.load_from_disk(str(path)), str(path), needs_target)
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; it must hold one JSON object per line.")
     try:
         rows = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors in several types
         raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
-    return normalise(rows, str(path))
+    return normalise(rows, str(path), needs_target)
 
 
-def normalise(rows: Dataset, where: str) -> Dataset:
+def normalise(rows: Dataset, where: str, needs_target: bool = True) -> Dataset:
     """Check the required fields (naming `where:line` of the first bad row) and fill the
     optional ones, leaving exactly the six PromptCBLUE columns."""
     if len(rows) == 0:
         raise UserError(f"{where} has no rows; it must hold one JSON object per line.")
+    if not needs_target:
+        if "target" not in rows.column_names:
+            rows = rows.add_column("target", [""] * len(rows))
+        rows = rows.map(lambda r: {"target": r["target"] or ""})
     for column in REQUIRED:
         if column not in rows.column_names:
             raise UserError(f"{where}:1 has no '{column}' field; every row needs {REQUIRED}.")
@@ -96,7 +101,7 @@ def normalise(rows: Dataset, where: str) -> Dataset:
     return rows.select_columns(list(COLUMNS))
 
 
-def load_named_split(name: str, split: str, key: str) -> Dataset:
+def load_named_split(name: str, split: str, key: str, needs_target: bool = True) -> Dataset:
     """One split of a `datasets` dataset: a hub name or a local folder of data files."""
     datasets.disable_progress_bars()
     try:
@@ -110,12 +115,14 @@ def load_named_split(name: str, split: str, key: str) -> Dataset:
             f"could not load data.dataset='{name}' ({type(err).__name__}); point it at a local "
             f"folder of data files, or download the dataset on a machine with network."
         ) from None
-    return normalise(rows, f"{name}[{split}]")
+    return normalise(rows, f"{name}[{split}]", needs_target)
 
 
-def load_split(root: str, files: list[str], key: str, tasks: list[str] | None) -> Dataset:
+def load_split(
+    root: str, files: list[str], key: str, tasks: list[str] | None, needs_target: bool = True
+) -> Dataset:
     """All files of one split, concatenated, restricted to `tasks` when given."""
-    parts = [read_rows(path) for path in resolve_files(root, files, key)]
+    parts = [read_rows(path, needs_target) for path in resolve_files(root, files, key)]
     rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return only_tasks(rows, tasks, key)
 

@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from moelora.adapters.config import MODULA
-from moelora.config import EvalConfig, EvalRunConfig, TrainConfig
+from moelora.config import EvalConfig, EvalRunConfig, GenerationRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
 from moelora.data.tasks import TaskRegistry
@@ -26,7 +26,14 @@ from moelora.evaluate.report import write_predictions, write_report
 from moelora.hardware import check_hardware, make_accelerator
 from moelora.launch import launch_this_command, needs_launch
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
-from moelora.rundir import RUN_GROUPS, guard_eval_output, load_run, read_run
+from moelora.rundir import (
+    RUN_GROUPS,
+    LoadedRun,
+    RunSettings,
+    guard_eval_output,
+    load_run,
+    read_run,
+)
 
 
 def inference_stage(method: str, force_domain: bool) -> str | None:
@@ -118,6 +125,44 @@ def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) 
     return total / max(count, 1)
 
 
+def check_generation_hardware(cfg: GenerationRunConfig, command: str) -> bool:
+    """Refuse DeepSpeed for a generating command, and launch it when the hardware asks for
+    several processes. Returns True when this process launched the others (nothing left to do)."""
+    check_hardware(cfg.hardware)
+    if cfg.hardware.strategy == "deepspeed":
+        raise UserError(
+            f"moelora {command} generates with whole model copies, not under DeepSpeed "
+            f"(hardware={cfg.hardware.name}); use hardware=ddp to share the rows between GPUs."
+        )
+    if needs_launch(cfg.hardware):
+        launch_this_command(cfg.hardware, command, f"output_dir={cfg.output_dir}")
+        return True
+    return False
+
+
+def open_run(
+    cfg: GenerationRunConfig, run_dir: str, settings: RunSettings
+) -> tuple[Accelerator, LoadedRun]:
+    """(accelerator, LoadedRun): the run's model on this process's device, at the adapter stage
+    its eval settings score with; a QLoRA run on a full-precision base (or back) gets a note."""
+    stage = inference_stage(settings.method, settings.eval.force_domain)
+    accelerator = make_accelerator(cfg.hardware)
+    quantization = cfg.hardware.quantization
+    on_cpu = accelerator.device.type == "cpu"
+    placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
+    run = load_run(run_dir, cfg.cache_dir, on_cpu, *placed, settings)
+    if settings.quantization != quantization:
+        accelerator.print(
+            f"note: the run trained on a {settings.quantization or 'full-precision'} base "
+            f"and is scored on a {quantization or 'full-precision'} one; "
+            f"hardware.quantization={settings.quantization or 'null'} scores it as trained."
+        )
+    run.model.set_stage(stage)
+    if not quantization:  # a 4-bit base is placed while loading
+        run.model.to(accelerator.device)
+    return accelerator, run
+
+
 def evaluate_command(raw: DictConfig) -> None:
     cfg: EvalRunConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     out_dir = Path(cfg.output_dir)
@@ -126,47 +171,31 @@ def evaluate_command(raw: DictConfig) -> None:
     if cfg.predictions:
         _score_file(cfg, out_dir)
         return
-    check_hardware(cfg.hardware)
-    if cfg.hardware.strategy == "deepspeed":
-        raise UserError(
-            f"moelora eval generates with whole model copies, not under DeepSpeed "
-            f"(hardware={cfg.hardware.name}); use hardware=ddp to share the dev set between GPUs."
-        )
-    if needs_launch(cfg.hardware):
-        launch_this_command(cfg.hardware, "eval", f"output_dir={out_dir}")
+    if check_generation_hardware(cfg, "eval"):
         return
-    eval_cfg, settings = cfg.eval, None
     if cfg.run_dir:  # the run's own settings, with the command line's keys on top
         settings = read_run(cfg.run_dir, command_line_changes())
         check_files(settings.data, ("eval",))  # before the model loads
-        eval_cfg = settings.eval
-        scorers_of(eval_cfg.scorer)
-        stage = inference_stage(settings.method, eval_cfg.force_domain)
-    accelerator = make_accelerator(cfg.hardware)
-    quantization = cfg.hardware.quantization
-    on_cpu = accelerator.device.type == "cpu"
-    placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
-    if settings is not None:
-        run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu, *placed, settings)
-        if settings.quantization != quantization:
-            accelerator.print(
-                f"note: the run trained on a {settings.quantization or 'full-precision'} base "
-                f"and is scored on a {quantization or 'full-precision'} one; "
-                f"hardware.quantization={settings.quantization or 'null'} scores it as trained."
-            )
-        run.model.set_stage(stage)
-        model, tokenizer, data_cfg = run.model, run.tokenizer, settings.data
-        registry, title = run.registry, f"run {cfg.run_dir} ({settings.method})"
+        scorers_of(settings.eval.scorer)
+        accelerator, run = open_run(cfg, cfg.run_dir, settings)
+        model, tokenizer, registry = run.model, run.tokenizer, run.registry
+        data_cfg, eval_cfg = settings.data, settings.eval
+        title = f"run {cfg.run_dir} ({settings.method})"
     else:
+        accelerator = make_accelerator(cfg.hardware)
+        quantization = cfg.hardware.quantization
+        placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
+        on_cpu = accelerator.device.type == "cpu"
         tokenizer = load_tokenizer(cfg.model)
         model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, on_cpu, *placed)
-        data_cfg, title = cfg.data, f"base model {cfg.model.name_or_path}"
+        if not quantization:
+            model.to(accelerator.device)
+        data_cfg, eval_cfg = cfg.data, cfg.eval
+        title = f"base model {cfg.model.name_or_path}"
         registry = TaskRegistry.from_rows(read_eval_rows(data_cfg))
     data = prepare_data(data_cfg, tokenizer, registry)
     if accelerator.is_main_process:
         say_empty_targets(data.eval, print)
-    if not quantization:  # a 4-bit base is placed while loading
-        model.to(accelerator.device)
     scores = score_model(
         model,
         tokenizer,
