@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from moelora.train.loop import train
 from tests.conftest import REPO, compose_config
+from tests.test_predict import targetless_copy
 from tests.test_train import SMALL
 
 pytestmark = pytest.mark.slow
@@ -128,6 +129,23 @@ def test_two_process_eval_scores_like_the_run(reference: Path, tmp_path: Path) -
     answers = (out / "predictions_eval.jsonl").read_text()
     assert answers == (reference / "predictions_after.jsonl").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # one output dir for both
+
+
+def test_two_process_predict_answers_like_the_run(reference: Path, tmp_path: Path) -> None:
+    """`moelora predict ... hardware=ddp` shares the rows between two processes; the answers
+    and their order are the run's own scoring of the same rows."""
+    rows = targetless_copy(reference, tmp_path / "data")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "moelora", "predict", f"run_dir={reference}"]
+    command += [f"data.root={tmp_path / 'data'}", "data.eval_files=[test.jsonl]"]
+    command += ["hardware=ddp", "hardware.num_processes=2", f"output_dir={out}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "launching 2 processes" in done.stdout
+    submission = [json.loads(line) for line in (out / "test_predictions.json").open()]
+    assert [r["sample_id"] for r in submission] == [r["sample_id"] for r in rows]
+    after = [json.loads(line) for line in (reference / "predictions_after.jsonl").open()]
+    assert [r["target"] for r in submission] == [r["prediction"] for r in after]
 
 
 def test_one_process_zero3_offload_trains_like_plain_one(reference: Path, tmp_path: Path) -> None:

@@ -78,11 +78,11 @@ def write_submission(path: Path, rows: Dataset, answers: list[str]) -> None:
 
 
 def _typed_row(text: str, task: str | None) -> dict:
-    """The one row `input="..." task=<name>` asks about."""
+    """The one row `input="..." task=<name>` asks about; a typed "\\n" is a line break."""
     if not text.strip():
         raise UserError('input="" is empty; pass the prompt to answer, input="...".')
     return {
-        "input": text,
+        "input": text.replace("\\n", "\n"),
         "target": "",
         "answer_choices": None,
         "task_type": "",
