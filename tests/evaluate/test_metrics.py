@@ -120,3 +120,20 @@ def test_zh_tokens_like_bert_basic_tokenizer():
     assert zh_tokens("  益生菌，别着凉。\n") == ["益", "生", "菌", "，", "别", "着", "凉", "。"]
     assert zh_tokens("Café 头") == ["cafe", "头"]
     assert zh_tokens("") == []
+
+
+def test_zh_tokens_equal_transformers_basic_tokenizer():
+    """The official scorer tokenizes with transformers' BasicTokenizer (moved to a legacy module
+    in transformers 5); ours must give the same tokens on awkward text."""
+    try:
+        from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
+    except ImportError:
+        from transformers import BasicTokenizer
+    reference = BasicTokenizer(tokenize_chinese_chars=True)
+    for text in [
+        "CRP正常, 1.5 Café\u2028x",
+        "患者：头痛3天，T 38.5℃；WBC 12×10^9/L。",
+        "“好的”……？！\x00\ufffd\t\u3000ab",
+        "Ünïcödé 𠀀字",
+    ]:
+        assert zh_tokens(text) == reference.tokenize(text), text
