@@ -123,6 +123,43 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("--local_rank=")]
 
 
+def _config_error(err: Exception) -> str:
+    """One line for Hydra's composition errors; a key the chosen schema lacks gets a sentence
+    that names it, its owner (the method for `method.*`) and the fix."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    missing_key = isinstance(cause, ConfigKeyError | ConfigAttributeError)
+    if missing_key and cause.full_key and cause.object_type is not None:
+        return _unknown_key(cause.full_key, cause.object_type)
+    text = str(err).split("Config search path:")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 2 and lines[1].endswith(":"):  # a heading over a list of options
+        lines = [lines[0], f"{lines[1]} {', '.join(lines[2:])}"]
+    if cause is not None:
+        lines.append(str(cause).splitlines()[0])
+    return "; ".join(lines)
+
+
+def _unknown_key(full_key: str, owner: type) -> str:
+    from dataclasses import fields
+
+    from moelora.adapters.methods import METHOD_REGISTRY
+
+    key = full_key.rsplit(".", 1)[-1]
+    methods = {m.config_class: name for name, m in METHOD_REGISTRY.items()}
+    if owner in methods:
+        having = [
+            n for n, m in METHOD_REGISTRY.items() if key in m.config_class.__dataclass_fields__
+        ]
+        fix = (
+            f"choose a method that has it ({', '.join(having)})" if having else "check its spelling"
+        )
+        return f"{full_key} is not a setting of method {methods[owner]}; remove it or {fix}."
+    own = ", ".join(f.name for f in fields(owner)) if hasattr(owner, "__dataclass_fields__") else ""
+    return f"{full_key} is not a setting ({owner.__name__} has {own}); check its spelling."
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -134,7 +171,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     register_configs()
     sys.argv = [f"moelora-{command}", *_translate(command, overrides)]
-    _hydra_app(command)()
+    if "HYDRA_FULL_ERROR" in os.environ:  # the user asked for Hydra's own report
+        _hydra_app(command)()
+        return
+    from hydra.errors import HydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting
+    try:
+        _hydra_app(command)()
+    except HydraException as err:
+        print(f"moelora {command}: error: {_config_error(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moelora.adapters.config import AdapterConfig
+from moelora.adapters.methods import METHOD_REGISTRY
 from moelora.paths import DATA_DIR
 
 
@@ -198,8 +199,12 @@ class ExportConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas that train.yaml/eval.yaml name first in their defaults lists."""
+    """Register the schemas that train.yaml/eval.yaml name first in their defaults lists, and
+    each registered method's schema as `method_schema/<name>`, which its `configs/method/`
+    yaml names first in its defaults list."""
     cs = ConfigStore.instance()
+    for name, method in METHOD_REGISTRY.items():
+        cs.store(group="method_schema", name=name, node=method.config_class)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalRunConfig)
     cs.store(name="predict_schema", node=PredictConfig)

@@ -10,8 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
-from moelora.adapters import export_peft_adapter, merge_adapter
-from moelora.adapters.config import MODULA
+from moelora.adapters import export_peft_adapter, get_method, merge_adapter
 from moelora.config import ExportConfig, ModelConfig
 from moelora.errors import UserError
 from moelora.rundir import load_run
@@ -26,14 +25,15 @@ def export_command(raw: DictConfig) -> None:
         raise UserError(f"formats={cfg.formats} must be a non-empty list from {FORMATS}.")
     run = load_run(cfg.run_dir, cfg.cache_dir, on_cpu=True)
     task_id = run.registry.task_id(cfg.task) if cfg.task is not None else None
-    if run.settings.method in ("moelora", *MODULA) and task_id is None:
+    method = get_method(run.settings.method)
+    if method.export_per in ("task", "domain") and task_id is None:
         raise UserError(
-            f"a {run.settings.method} run has one adapter per task; pass task=<name>, one of "
-            f"{run.registry.tasks}."
+            f"a {run.settings.method} run has one adapter per {method.export_per}; pass "
+            f"task=<name>, one of {run.registry.tasks}."
         )
     domain_id = None
-    if run.settings.method in MODULA:  # the task's domain expert (plus the universal one)
-        run.model.set_stage("domain")
+    if method.export_per == "domain":  # the task's domain expert (plus the universal one)
+        run.model.set_stage(method.forced_stage)
         task_id, domain_id = None, run.registry.domain_id(cfg.task)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

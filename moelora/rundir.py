@@ -55,7 +55,7 @@ def read_init_run(run_dir: str | Path, method: AdapterConfig) -> TaskRegistry:
     differ = [
         f"{name}={saved.get(name)!r} there, {getattr(method, name)!r} here"
         for name in SHAPE_FIELDS
-        if saved.get(name) != getattr(method, name)
+        if hasattr(method, name) and saved.get(name) != getattr(method, name)
     ]
     if differ:
         raise UserError(

@@ -1,23 +1,31 @@
-"""Gated LoRA experts for any HF causal LM: one layer, one gate per method (see design.md)."""
+"""Gated LoRA experts for any HF causal LM: one layer, one gate per method (docs/methods.md)."""
 
-from moelora.adapters.config import METHODS, STAGES, AdapterConfig
+from moelora.adapters.config import AdapterConfig
 from moelora.adapters.export import export_peft_adapter, fixed_gates, merge_adapter
 from moelora.adapters.gates import DomainGate, SharedTaskWeights, TaskGate, TopKRouter, UnitGate
 from moelora.adapters.inject import build_layer, find_targets, inject_adapters
 from moelora.adapters.layer import GatedLoRALinear
 from moelora.adapters.losses import ExpertContrastive, expert_contrastive_loss, load_balance_loss
+from moelora.adapters.methods import (
+    LayerParts,
+    Method,
+    get_method,
+    method_names,
+    method_of,
+    register_method,
+)
 from moelora.adapters.model import AdaptedModel
 from moelora.adapters.routing import Routing, RoutingState
 from moelora.adapters.storage import load_adapter, load_adapter_weights, save_adapter
 
 __all__ = [
-    "METHODS",
-    "STAGES",
     "AdaptedModel",
     "AdapterConfig",
     "DomainGate",
     "ExpertContrastive",
     "GatedLoRALinear",
+    "LayerParts",
+    "Method",
     "Routing",
     "RoutingState",
     "SharedTaskWeights",
@@ -29,10 +37,14 @@ __all__ = [
     "export_peft_adapter",
     "find_targets",
     "fixed_gates",
+    "get_method",
     "inject_adapters",
     "load_adapter",
     "load_adapter_weights",
     "load_balance_loss",
     "merge_adapter",
+    "method_names",
+    "method_of",
+    "register_method",
     "save_adapter",
 ]

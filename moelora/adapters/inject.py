@@ -7,10 +7,10 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from moelora.adapters.config import MODULA, AdapterConfig
-from moelora.adapters.gates import DomainGate, SharedTaskWeights, TaskGate, TopKRouter, UnitGate
+from moelora.adapters.config import AdapterConfig
+from moelora.adapters.gates import UnitGate
 from moelora.adapters.layer import GatedLoRALinear, linear_dims
-from moelora.adapters.losses import ExpertContrastive
+from moelora.adapters.methods import LayerParts, method_of
 from moelora.adapters.routing import Routing
 
 
@@ -29,9 +29,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
         ValueError: nothing matched; the message lists the model's Linear names.
     """
     linears = [name for name, module in model.named_modules() if is_linear(module)]
+    dense = list(getattr(config, "dense_targets", []))  # methods with equal experts have them
     found: dict[str, bool] = {}
     for name in linears:
-        if _suffix_match(name, config.dense_targets):
+        if _suffix_match(name, dense):
             found[name] = True
         elif config.target_regex:
             if re.fullmatch(config.target_regex, name):
@@ -42,7 +43,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ValueError(
             f"method.target_modules={list(config.target_modules)} (target_regex="
-            f"{config.target_regex!r}, dense_targets={list(config.dense_targets)}) matched no "
+            f"{config.target_regex!r}, dense_targets={dense}) matched no "
             f"Linear of {type(model).__name__}; its Linear names are {leaves} "
             f"(full paths like {linears[:2]}): set method.target_modules to some of them."
         )
@@ -57,30 +58,25 @@ def build_layer(
     num_domains: int,
     dense: bool = False,
 ) -> GatedLoRALinear:
-    """The method's experts, scalings and gate around one base Linear."""
+    """The method's experts, scalings and gate around one base Linear (a dense target: one
+    plain LoRA expert of rank rank_per_expert)."""
     d_in, _ = linear_dims(base_layer)
-    r, num = config.rank_per_expert, config.num_experts
-    groups, contrastive = None, None
-    if config.name in MODULA:
-        ranks = [config.universal_rank] + [config.domain_rank] * num_domains
-        scales = [config.scaling(rank) for rank in ranks]
-        groups = [1] * len(ranks)
-        gate = DomainGate(d_in, num_domains, config.name == "modula_res", config.router_top_k)
-    elif dense or config.name == "lora":
-        ranks, scales, gate = [r], [config.scaling(r)], UnitGate()
+    if dense:
+        rank = config.rank_per_expert
+        parts = LayerParts([rank], [config.scaling(rank)], UnitGate())
     else:
-        ranks, scales = [r] * num, [config.expert_scaling] * num
-        if config.name == "moelora" and config.gate_scope == "shared":
-            gate = SharedTaskWeights()
-        elif config.name == "moelora":
-            gate = TaskGate(num_tasks, num, config.task_embedding_dim)
-        else:
-            gate = TopKRouter(d_in, num, config.top_k)
-        if config.name == "contrastive":
-            contrastive = ExpertContrastive(num, config.contrastive_tau, config.contrastive_tokens)
-    gate = gate.to(base_layer.weight.device)
+        parts = method_of(config).layer_parts(d_in, num_tasks, num_domains)
+    gate = parts.gate.to(base_layer.weight.device)
     return GatedLoRALinear(
-        base_layer, ranks, scales, gate, routing, config.dropout, config.init, groups, contrastive
+        base_layer,
+        parts.ranks,
+        parts.scales,
+        gate,
+        routing,
+        config.dropout,
+        config.init,
+        parts.group_sizes,
+        parts.contrastive,
     )
 
 

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from moelora.adapters.config import MODULA, STAGES, AdapterConfig
-from moelora.adapters.gates import DomainGate, TaskGate
+from moelora.adapters.config import AdapterConfig
 from moelora.adapters.inject import inject_adapters
+from moelora.adapters.methods import method_of
 from moelora.adapters.routing import Routing, RoutingState, attach_checkpointing
 
 
@@ -30,17 +30,14 @@ class AdaptedModel(nn.Module):
     ) -> None:
         super().__init__()
         config = AdapterConfig.coerce(config)
-        if config.name == "moelora" and num_tasks < 1:
-            raise ValueError("moelora needs a task registry: num_tasks must be at least 1.")
-        if config.name in MODULA and num_domains < 1:
-            raise ValueError("modula needs domains: num_domains must be at least 1.")
+        self.method = method_of(config)
+        self.method.check_sizes(num_tasks, num_domains)
         self.config, self.num_tasks, self.num_domains = config, num_tasks, num_domains
         self.routing = Routing()
         base_params = {id(p) for p in base.parameters()}
         self.base_model = base
-        self.task_gate: TaskGate | None = None
-        if config.name == "moelora" and config.gate_scope == "shared":
-            self.task_gate = TaskGate(num_tasks, config.num_experts, config.task_embedding_dim)
+        self.task_gate = self.method.shared_gate(num_tasks)
+        if self.task_gate is not None:
             self.task_gate.to(self.device)
         self.adapted_layers = inject_adapters(base, config, self.routing, num_tasks, num_domains)
         self._adapter_names = {n for n, p in self.named_parameters() if id(p) not in base_params}
@@ -63,10 +60,10 @@ class AdaptedModel(nn.Module):
             task_ids = torch.as_tensor(task_ids, device=self.device).long()
         if domain_ids is not None:
             domain_ids = torch.as_tensor(domain_ids, device=self.device).long()
-        if self.config.name == "moelora" and task_ids is None:
+        if self.method.routes_by_task and task_ids is None:
             raise ValueError(
-                "moelora routes by task: pass task_ids (one registry id per row) to forward and "
-                "generate."
+                f"{self.config.name} routes by task: pass task_ids (one registry id per row) to "
+                f"forward and generate."
             )
         weights = self.task_gate.weights(task_ids) if self.task_gate is not None else None
         mask = attention_mask.bool() if attention_mask is not None else None
@@ -95,11 +92,8 @@ class AdaptedModel(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
             )
         aux = {name: torch.stack(values).mean() for name, values in state.aux.items()}
-        coef = {
-            "load_balance": self.config.aux_loss_coef,
-            "contrastive": self.config.contrastive_coef,
-        }
-        weighted = [coef[name] * value for name, value in aux.items() if coef[name]]
+        coef = self.method.aux_weights()
+        weighted = [coef[name] * value for name, value in aux.items() if coef.get(name)]
         aux_loss = torch.stack(weighted).sum() if weighted else None
         out["lm_loss"] = out.loss
         out["aux_loss"] = aux_loss
@@ -137,34 +131,27 @@ class AdaptedModel(nn.Module):
 
     # -- training stages and parameters ------------------------------------------------------
     def set_stage(self, stage: str | None, domains: Iterable[int] | None = None) -> None:
-        """Select what trains (and, for modula, how gates route).
+        """Select what trains (and, for staged methods, how gates route).
 
-        None trains every adapter and gate. modula stages: `universal` trains the universal
-        expert alone; `domain` trains the domain experts (only `domains`, e.g. new ones from
-        `add_domains`, when given), each row gated to its own domain; `router` trains only the
-        routers. The stage also sets modula's gating, so `set_stage("domain")` with domain_ids
-        forces one domain expert at inference.
+        None trains every adapter and gate. A named stage is the method's (modula: `universal`
+        trains the universal expert alone; `domain` the domain experts, only `domains` when
+        given, each row gated to its own domain; `router` only the routers); it also sets the
+        gating, so `set_stage("domain")` with domain_ids forces one domain expert at inference.
         """
-        if stage is not None and (stage not in STAGES or self.config.name not in MODULA):
+        names = self.method.stage_names
+        if stage is not None and stage not in names:
             raise ValueError(
-                f"stage={stage!r} is not available for {self.config.name}; modula/modula_res take "
-                f"{', '.join(STAGES)}, every method takes None."
+                f"stage={stage!r} is not available for {self.config.name}; it takes "
+                f"{', '.join(map(str, [*names, None]))}."
             )
         self.stage = stage
         chosen = set(range(self.num_domains) if domains is None else domains)
         for _, param in self.named_adapter_parameters():
             param.requires_grad_(stage is None)
+        if not names:
+            return
         for layer in self.adapted_layers.values():
-            if not isinstance(layer.gate, DomainGate):
-                continue
-            layer.gate.stage = stage
-            if stage == "universal":
-                trainable = list(layer.group(0))
-            elif stage == "domain":
-                trainable = [p for d in chosen for p in layer.group(d + 1)]
-            else:
-                trainable = list(layer.gate.parameters()) if stage == "router" else []
-            for param in trainable:
+            for param in self.method.enter_stage(layer, stage, chosen):
                 param.requires_grad_(True)
 
     def named_adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:

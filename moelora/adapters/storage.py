@@ -41,7 +41,7 @@ def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedM
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}; pass a saved adapter folder.")
     description = json.loads((directory / CONFIG_NAME).read_text())
-    config = AdapterConfig.coerce(description["method"])
+    config = AdapterConfig.coerce(description["method"], strict=False)
     model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
     load_adapter_weights(model, directory)
     return model, description["metadata"]

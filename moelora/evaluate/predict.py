@@ -11,7 +11,7 @@ from pathlib import Path
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
-from moelora.adapters.config import METHODS, TASK_ROUTED
+from moelora.adapters import get_method, method_names
 from moelora.config import PredictConfig
 from moelora.data.formatting import PromptFormatter, tokenize_split
 from moelora.data.pipeline import check_files, read_rows_to_answer
@@ -99,8 +99,8 @@ def _registry_for(registry: TaskRegistry, rows: Dataset, settings: RunSettings) 
     if not unseen:
         return registry
     task = repr(unseen[0]) if unseen[0] else "(none given: pass task=<name>)"
-    if settings.method in TASK_ROUTED:
-        others = ", ".join(m for m in METHODS if m not in TASK_ROUTED)
+    if get_method(settings.method).routes_by_task:
+        others = ", ".join(m for m in method_names() if not get_method(m).routes_by_task)
         raise UserError(
             f"task {task} is not one of the run's training tasks {registry.tasks}, and "
             f"{settings.method} picks its experts by task id; use one of them, or a run of a "

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from moelora.adapters.config import MODULA
+from moelora.adapters import get_method
 from moelora.config import EvalConfig, EvalRunConfig, GenerationRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
@@ -37,15 +37,16 @@ from moelora.rundir import (
 
 
 def inference_stage(method: str, force_domain: bool) -> str | None:
-    """The adapter stage to score with: the trained router (None), or for MoDULA with
-    `eval.force_domain` each row's own domain expert."""
+    """The adapter stage to score with: as trained (None), or with `eval.force_domain` the
+    method's stage that gates each row by its own domain expert (MoDULA's `domain`)."""
     if not force_domain:
         return None
-    if method not in MODULA:
+    stage = get_method(method).forced_stage
+    if stage is None:
         raise UserError(
-            f"eval.force_domain=true is for modula/modula_res, not {method}; remove it."
+            f"eval.force_domain=true is for methods with domain experts, not {method}; remove it."
         )
-    return "domain"
+    return stage
 
 
 def with_summary(scores: dict, tasks: list[str] | None) -> dict:

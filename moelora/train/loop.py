@@ -24,8 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from moelora.adapters import AdaptedModel, load_adapter_weights
-from moelora.adapters.config import MODULA
+from moelora.adapters import AdaptedModel, load_adapter_weights, method_of
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.mixture import MixtureSampler, balanced_over_domains
@@ -73,23 +72,20 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
         raise UserError(
             f"trainer.resume=true, but {cfg.run_dir} has no checkpoints/; pass run_dir=<a run>."
         )
-    if cfg.method.add_domains and not cfg.trainer.init_adapter_from:
+    added = method_of(cfg.method).added_domains()
+    if added and not cfg.trainer.init_adapter_from:
         raise UserError(
-            f"method.add_domains={list(cfg.method.add_domains)} adds domains to an earlier run; "
+            f"method.add_domains={added} adds domains to an earlier run; "
             f"pass trainer.init_adapter_from=<that run's directory>."
-        )
-    if cfg.method.add_domains and "universal" in cfg.method.stages:
-        raise UserError(
-            "method.add_domains keeps the earlier run's universal expert; drop universal from "
-            "method.stages (method.stages=[domain,router])."
         )
     inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
     scorers_of(cfg.eval.scorer)
     check_hardware(cfg.hardware)
-    if cfg.hardware.strategy == "deepspeed" and len(cfg.method.stages) > 1:
+    stages = method_of(cfg.method).stages()
+    if cfg.hardware.strategy == "deepspeed" and len(stages) > 1:
         raise UserError(
             f"under DeepSpeed a run trains one stage (the engine owns the optimizer and the "
-            f"weights), not method.stages={list(cfg.method.stages)}; run MoDULA's stages as "
+            f"weights), not method.stages={stages}; run MoDULA's stages as "
             f"separate runs, method.stages=[universal], then [domain], then [router], each with "
             f"trainer.init_adapter_from=<the previous run>, or use hardware=ddp."
         )
@@ -98,7 +94,7 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
 
 def stages_of(cfg: TrainConfig) -> list[str | None]:
     """The method's training stages in order (MoDULA's three), or one unnamed stage."""
-    return list(cfg.method.stages) or [None]
+    return method_of(cfg.method).stages()
 
 
 def train(raw_cfg: DictConfig) -> dict:
@@ -126,9 +122,9 @@ def train(raw_cfg: DictConfig) -> dict:
             {"per_task": dict.fromkeys(data.eval["task_dataset"], 0.0)}, cfg.eval.summary_tasks
         )
     sampler = MixtureSampler(data.train["task_dataset"], cfg.data.mixture, cfg.trainer.seed)
-    if earlier is not None and cfg.method.name in MODULA:
+    if earlier is not None and method_of(cfg.method).uses_domains:
         present = {data.registry.domain_of[task] for task in sampler.rows_of}
-        check_added_domains(earlier.domains, present, cfg.method.add_domains)
+        check_added_domains(earlier.domains, present, method_of(cfg.method).added_domains())
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
     if cfg.eval.enabled:
         say_empty_targets(data.eval, say)
@@ -198,7 +194,7 @@ def train(raw_cfg: DictConfig) -> dict:
         on_prepared = None
     if init_from:  # after the "before" row, which stays the base model's
         _init_adapter(say, model, init_from)
-    added = [data.registry.domains.index(d) for d in cfg.method.add_domains]
+    added = [data.registry.domains.index(d) for d in method_of(cfg.method).added_domains()]
 
     state = TrainState()
     started = time.perf_counter()
@@ -289,8 +285,9 @@ def _stage_sampler(
     """The rows a stage draws: the mixture; for MoDULA's `domain` stage with add_domains, the
     mixture over the added domains' rows only; for `router`, every domain equally often."""
     task_of_row, seed = data.train["task_dataset"], cfg.trainer.seed
-    if stage == "domain" and cfg.method.add_domains:
-        tasks = data.registry.tasks_in(cfg.method.add_domains)
+    added = method_of(cfg.method).added_domains()
+    if stage == "domain" and added:
+        tasks = data.registry.tasks_in(added)
         sampler = MixtureSampler(task_of_row, cfg.data.mixture, seed, only_tasks=tasks)
         say(f"domain stage: only the added domains' rows, per task {sampler.counts}")
     elif stage == "router":

@@ -57,7 +57,7 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 def make_config(case: str, **overrides) -> AdapterConfig:
-    return AdapterConfig(**{"dropout": 0.0, **CASES[case], **overrides})
+    return AdapterConfig.coerce({"dropout": 0.0, **CASES[case], **overrides})
 
 
 def randomize_adapters(model: AdaptedModel, seed: int = 1, std: float = 0.05) -> AdaptedModel:

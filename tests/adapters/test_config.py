@@ -1,26 +1,26 @@
-"""AdapterConfig: the shipped presets validate with paper defaults; bad configs fail clearly."""
+"""Method configs: the shipped presets validate with paper defaults; bad configs fail clearly."""
 
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from moelora.adapters import METHODS, AdapterConfig
+from moelora.adapters import AdapterConfig, get_method, method_names
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "method"
 
 
 def load_preset(name: str, **overrides) -> AdapterConfig:
-    node = OmegaConf.merge(
-        OmegaConf.structured(AdapterConfig), OmegaConf.load(PRESETS / f"{name}.yaml"), overrides
-    )
-    return OmegaConf.to_object(node)
+    preset = OmegaConf.load(PRESETS / f"{name}.yaml")
+    preset.pop("defaults")
+    schema = OmegaConf.structured(get_method(name).config_class)
+    return OmegaConf.to_object(OmegaConf.merge(schema, preset, overrides))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", method_names())
 def test_every_method_has_a_valid_preset(name):
     config = load_preset(name)
-    assert isinstance(config, AdapterConfig) and config.name == name
+    assert type(config) is get_method(name).config_class and config.name == name
 
 
 def test_presets_keep_the_papers_values():
@@ -60,7 +60,7 @@ def test_overriding_num_experts_rederives_the_rank_split():
 )
 def test_bad_config_names_the_field(fields, names):
     with pytest.raises(ValueError, match=names):
-        AdapterConfig(**fields)
+        AdapterConfig.coerce(fields)
 
 
 def test_bad_preset_override_fails_at_to_object():

@@ -1,0 +1,94 @@
+"""MoDULA (Ma et al., EMNLP 2024): a universal expert and one expert per domain, trained in
+stages (universal, then domain experts, then the token router). MoDULA-Res keeps the universal
+expert always on as a residual and routes over the domain experts only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from moelora.adapters.config import AdapterConfig, fail, setting
+from moelora.adapters.gates import DomainGate
+from moelora.adapters.methods.base import LayerParts, Method, register_method
+
+STAGES = ("universal", "domain", "router")
+
+
+@dataclass
+class ModulaConfig(AdapterConfig):
+    name: str = setting("modula", "modula")
+    universal_rank: int = setting("Rank of the universal expert.", 8)
+    domain_rank: int = setting("Rank of each domain expert.", 8)
+    stages: list[str] = setting(
+        "Training stages in order, from universal | domain | router.", factory=list
+    )
+    router_top_k: int | None = setting(
+        "Candidates kept per token by the domain router; null = dense softmax.", None
+    )
+    aux_loss_coef: float = setting("Weight of the router's load-balancing loss; 0 = off.", 0.01)
+    add_domains: list[str] = setting(
+        "Domains added to an earlier run; only their experts (and the router) train.",
+        factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.universal_rank < 1 or self.domain_rank < 1:
+            fail("modula needs universal_rank >= 1 and domain_rank >= 1.")
+        if self.router_top_k is not None and self.router_top_k < 1:
+            fail(f"router_top_k={self.router_top_k} must be null or at least 1.")
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            fail(f"stages {bad} are unknown; use a list from {', '.join(STAGES)}.")
+        if self.add_domains and "universal" in self.stages:
+            fail(
+                "add_domains keeps the earlier run's universal expert; drop universal from "
+                "stages (method.stages=[domain,router])."
+            )
+
+
+@dataclass
+class ModulaResConfig(ModulaConfig):
+    name: str = setting("modula_res", "modula_res")
+
+
+@register_method
+class MoDULA(Method):
+    name = "modula"
+    config_class = ModulaConfig
+    uses_domains = True
+    aux_losses = {"load_balance": "aux_loss_coef"}
+    export_per = "domain"
+    stage_names = STAGES
+    forced_stage = "domain"
+    residual = False
+
+    def layer_parts(self, d_in: int, num_tasks: int, num_domains: int) -> LayerParts:
+        config = self.config
+        ranks = [config.universal_rank] + [config.domain_rank] * num_domains
+        gate = DomainGate(d_in, num_domains, self.residual, config.router_top_k)
+        return LayerParts(ranks, [config.scaling(r) for r in ranks], gate, [1] * len(ranks))
+
+    def stages(self) -> list[str | None]:
+        return list(self.config.stages) or [None]
+
+    def added_domains(self) -> list[str]:
+        return list(self.config.add_domains)
+
+    def enter_stage(self, layer: nn.Module, stage: str | None, domains: set[int]) -> list:
+        """universal: the universal expert trains; domain: the chosen domain experts, each row
+        gated to its own; router: only the router; None: everything, routed."""
+        layer.gate.stage = stage
+        if stage == "universal":
+            return list(layer.group(0))
+        if stage == "domain":
+            return [p for d in domains for p in layer.group(d + 1)]
+        return list(layer.gate.parameters()) if stage == "router" else []
+
+
+@register_method
+class MoDULARes(MoDULA):
+    name = "modula_res"
+    config_class = ModulaResConfig
+    residual = True
