@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     except HydraException as err:
         print(f"moelora {command}: error: {_config_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
 
 
 if __name__ == "__main__":

@@ -8,12 +8,25 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from moelora.cli import main
 from moelora.config import TrainConfig
 from moelora.paths import CONFIG_DIR
 from tests.conftest import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+
+
+def in_process(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """`moelora <args>` run by its `main` in this process (no interpreter start-up), with the
+    exit status and output a subprocess would give."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["moelora", *args], code, out.out, out.err)
 
 
 def moelora(*args: str) -> subprocess.CompletedProcess:
@@ -48,34 +61,37 @@ def test_command_line_group_choice_beats_the_experiment(tmp_path) -> None:
     assert cfg.method.name == "moelora"
 
 
-def test_misspelt_override_names_the_key() -> None:
-    result = moelora("train", "+experiment=demo", "trainer.lrr=1e-4")
+def test_misspelt_override_names_the_key(capsys) -> None:
+    result = in_process(capsys, "train", "+experiment=demo", "trainer.lrr=1e-4")
     assert result.returncode != 0
     assert "lrr" in result.stderr
 
 
-def test_misspelt_group_option_lists_the_choices() -> None:
-    result = moelora("train", "+experiment=demo", "method=lorra")
+def test_misspelt_group_option_lists_the_choices(capsys) -> None:
+    result = in_process(capsys, "train", "+experiment=demo", "method=lorra")
     assert result.returncode != 0
     assert "lorra" in result.stderr and "moelora" in result.stderr
 
 
-def test_wrong_type_names_the_key() -> None:
-    result = moelora("train", "+experiment=demo", "trainer.max_steps=many")
+def test_wrong_type_names_the_key(capsys) -> None:
+    result = in_process(capsys, "train", "+experiment=demo", "trainer.max_steps=many")
     assert result.returncode != 0
     assert "max_steps" in result.stderr
 
 
-def test_contradictory_method_stops_with_one_sentence(tmp_path) -> None:
-    result = moelora("train", "+experiment=demo", "method.dropout=1.5", f"run_dir={tmp_path}/r")
+def test_contradictory_method_stops_with_one_sentence(tmp_path, capsys) -> None:
+    result = in_process(
+        capsys, "train", "+experiment=demo", "method.dropout=1.5", f"run_dir={tmp_path}/r"
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("moelora train: error: method:")
     assert "dropout" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_missing_data_folder_says_where_to_point(tmp_path) -> None:
-    result = moelora(
+def test_missing_data_folder_says_where_to_point(tmp_path, capsys) -> None:
+    result = in_process(
+        capsys,
         "train",
         "+experiment=cmedical",
         "model=tiny",
@@ -87,27 +103,29 @@ def test_missing_data_folder_says_where_to_point(tmp_path) -> None:
     assert "data.root='/nonexistent/PromptCBLUE' is not a folder" in result.stderr
 
 
-def test_help_lists_config_groups() -> None:
-    result = moelora("train", "--help")
+def test_help_lists_config_groups(capsys) -> None:
+    result = in_process(capsys, "train", "--help")
     assert result.returncode == 0
     for group in ("method", "model", "data", "hardware", "experiment"):
         assert f"{group}:" in result.stdout
 
 
-def test_cfg_job_prints_the_composed_config() -> None:
-    result = moelora("train", "+experiment=demo", "method=moelora", "--cfg", "job")
+def test_cfg_job_prints_the_composed_config(capsys) -> None:
+    result = in_process(capsys, "train", "+experiment=demo", "method=moelora", "--cfg", "job")
     assert result.returncode == 0
     assert OmegaConf.create(result.stdout).method.name == "moelora"
 
 
-def test_unknown_command_is_refused() -> None:
-    result = moelora("trian")
+def test_unknown_command_is_refused(capsys) -> None:
+    result = in_process(capsys, "trian")
     assert result.returncode == 2
     assert "unknown command 'trian'" in result.stderr
 
 
-def test_run_dir_and_cfg_flag_combine(tmp_path) -> None:
-    result = moelora("train", "+experiment=demo", f"run_dir={tmp_path}/r", "--cfg", "job")
+def test_run_dir_and_cfg_flag_combine(tmp_path, capsys) -> None:
+    result = in_process(
+        capsys, "train", "+experiment=demo", f"run_dir={tmp_path}/r", "--cfg", "job"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -90,6 +89,8 @@ def export_peft_adapter(
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
     base = model.base_model
+    from peft import LoraConfig  # peft imports bitsandbytes and torch's compiler: seconds
+
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
