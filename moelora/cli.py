@@ -149,9 +149,9 @@ def _unknown_key(full_key: str, owner: type) -> str:
     key = full_key.rsplit(".", 1)[-1]
     methods = {m.config_class: name for name, m in METHOD_REGISTRY.items()}
     if owner in methods:
-        having = [
+        having = sorted(
             n for n, m in METHOD_REGISTRY.items() if key in m.config_class.__dataclass_fields__
-        ]
+        )
         fix = (
             f"choose a method that has it ({', '.join(having)})" if having else "check its spelling"
         )

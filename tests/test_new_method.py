@@ -129,7 +129,7 @@ def test_another_methods_field_stops_with_one_sentence(method: str, key: str, ca
 def test_lora_with_top_k_names_both(capsys) -> None:
     assert _refused(capsys, "train", "+experiment=demo", "method=lora", "method.top_k=3") == [
         "moelora train: error: method.top_k is not a setting of method lora; remove it or "
-        "choose a method that has it (molora, contrastive)."
+        "choose a method that has it (contrastive, molora)."
     ]
 
 

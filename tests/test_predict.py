@@ -118,7 +118,7 @@ def test_predict_refuses_an_unseen_task_for_a_task_routed_run(
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()[-1:]
     assert line.startswith("moelora predict: error: task 'DEMO-QA' is not one of the run's")
-    assert "moelora picks its experts by task id" in line and "lora, molora" in line
+    assert "moelora picks its experts by task id" in line and "(contrastive, lora, " in line
 
 
 def _settings(method: str, force_domain: bool = False) -> RunSettings:

@@ -1,7 +1,10 @@
 """Every method in one place: its config schema, gate, aux losses, routing ids, stages and export
-(docs/methods.md). Importing this package registers the built-in methods."""
+(docs/methods.md). Each module of this package is imported here, so a new method is one new file
+whose `Method` subclass is decorated with `register_method`."""
 
-from moelora.adapters.methods import contrastive, lora, modula, moelora, molora
+import importlib
+import pkgutil
+
 from moelora.adapters.methods.base import (
     METHOD_REGISTRY,
     LayerParts,
@@ -9,22 +12,18 @@ from moelora.adapters.methods.base import (
     get_method,
     method_names,
     method_of,
-    names_where,
     register_method,
 )
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHOD_REGISTRY",
     "LayerParts",
     "Method",
-    "contrastive",
     "get_method",
-    "lora",
     "method_names",
     "method_of",
-    "modula",
-    "moelora",
-    "molora",
-    "names_where",
     "register_method",
 ]

@@ -7,7 +7,6 @@ name to configs (`method=<name>`), training, saving, loading, scoring and export
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -104,7 +103,8 @@ def register_method(method: type[Method]) -> type[Method]:
 
 
 def method_names() -> list[str]:
-    return list(METHOD_REGISTRY)
+    """The registered methods, sorted."""
+    return sorted(METHOD_REGISTRY)
 
 
 def get_method(name: str) -> type[Method]:
@@ -116,8 +116,3 @@ def get_method(name: str) -> type[Method]:
 def method_of(config: AdapterConfig) -> Method:
     """The method object for a config."""
     return get_method(config.name)(config)
-
-
-def names_where(test, methods: Iterable[str] | None = None) -> list[str]:
-    """The registered method names whose class passes `test`, e.g. those not routing by task."""
-    return [n for n in (methods or METHOD_REGISTRY) if test(METHOD_REGISTRY[n])]
