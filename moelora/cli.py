@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     sys.argv = [f"moelora-{command}", *_translate(command, overrides)]
     if "HYDRA_FULL_ERROR" in os.environ:  # the user asked for Hydra's own report
-        _hydra_app(command)()
+        try:
+            _hydra_app(command)()
+        finally:
+            _forget_hydra()
         return
     from hydra.errors import HydraException
 
@@ -184,6 +187,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
+        _forget_hydra()
+
+
+def _forget_hydra() -> None:
+    """Leave no Hydra state behind, so that `main` can run again in the same process (tests,
+    notebooks) and library calls after it do not think they run inside a Hydra job."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
 
 
 if __name__ == "__main__":
