@@ -147,6 +147,7 @@ def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
         "moelora/demo_data/demo/train.jsonl",
         "moelora/demo_data/tokenizer/tokenizer.json",
         "moelora/cli.py",
+        "moelora/adapters/methods/lora.py",
     ):
         assert needed in names, needed
     target = tmp_path / "site"

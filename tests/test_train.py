@@ -244,7 +244,7 @@ def test_force_domain_scores_modula_through_each_rows_domain_expert(tmp_path) ->
 def test_force_domain_is_refused_for_other_methods(tmp_path) -> None:
     from moelora.errors import UserError
 
-    with pytest.raises(UserError, match="eval.force_domain=true is for modula/modula_res"):
+    with pytest.raises(UserError, match="eval.force_domain=true is for modula, modula_res"):
         run(tmp_path, "method=lora", "eval.force_domain=true")
 
 

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from moelora.adapters import get_method
+from moelora.adapters import get_method, method_names
 from moelora.config import EvalConfig, EvalRunConfig, GenerationRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
@@ -43,8 +43,10 @@ def inference_stage(method: str, force_domain: bool) -> str | None:
         return None
     stage = get_method(method).forced_stage
     if stage is None:
+        having = [m for m in method_names() if get_method(m).forced_stage is not None]
         raise UserError(
-            f"eval.force_domain=true is for methods with domain experts, not {method}; remove it."
+            f"eval.force_domain=true is for {', '.join(having)} (methods with domain experts), "
+            f"not {method}; remove it."
         )
     return stage
 

@@ -44,7 +44,7 @@ class ModulaConfig(AdapterConfig):
         if self.add_domains and "universal" in self.stages:
             fail(
                 "add_domains keeps the earlier run's universal expert; drop universal from "
-                "stages (method.stages=[domain,router])."
+                "method.stages (method.stages=[domain,router])."
             )
 
 
