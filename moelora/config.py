@@ -11,7 +11,21 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.methods import METHOD_REGISTRY
+from moelora.errors import UserError
 from moelora.paths import DATA_DIR
+
+STRATEGIES = ("single", "ddp", "deepspeed")
+LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
+SCHEDULERS = ("cosine", "linear", "constant")
+TEMPLATES = ("auto", "chat", "plain")
+LENGTH_POLICIES = ("truncate_input", "drop", "error")
+SCORER_CHOICES = ("official", "lenient", "both")
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Each schema checks its own values in `__post_init__`: at start, naming the key."""
+    if value not in allowed:
+        raise UserError(f"{key}='{value}' is unknown; use one of {', '.join(allowed)}.")
 
 
 @dataclass
@@ -82,9 +96,9 @@ class DataConfig:
     domains: dict[str, str] = field(default_factory=dict)  # task -> domain (default: task_type)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
-
-STRATEGIES = ("single", "ddp", "deepspeed")
-LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
+    def __post_init__(self) -> None:
+        check_choice("data.template", self.template, TEMPLATES)
+        check_choice("data.length_policy", self.length_policy, LENGTH_POLICIES)
 
 
 @dataclass
@@ -103,6 +117,25 @@ class HardwareConfig:
     # model-size buckets may be "auto" and are filled from trainer/model settings.
     deepspeed: dict[str, Any] = field(default_factory=dict)
     quantization: str | None = None  # nf4: a bitsandbytes 4-bit base under the adapters (QLoRA)
+
+    def __post_init__(self) -> None:
+        """Stop on a contradictory hardware preset before anything is loaded."""
+        check_choice("hardware.strategy", self.strategy, STRATEGIES)
+        check_choice("hardware.launcher", self.launcher, LAUNCHERS)
+        if self.strategy == "deepspeed" and not self.deepspeed.get("zero_optimization"):
+            raise UserError(
+                "hardware.strategy=deepspeed needs hardware.deepspeed.zero_optimization; start "
+                "from hardware=zero2 or hardware=zero3."
+            )
+        if self.quantization is not None:
+            check_choice("hardware.quantization", self.quantization, ("nf4",))
+        if self.quantization and self.strategy == "deepspeed":
+            raise UserError(
+                "a 4-bit base (hardware.quantization=nf4) cannot be partitioned by DeepSpeed; use "
+                "hardware=qlora_4bit with hardware.strategy=single or ddp."
+            )
+        if self.num_processes < 1 or self.num_machines < 1:
+            raise UserError("hardware.num_processes and hardware.num_machines must be at least 1.")
 
 
 @dataclass
@@ -127,6 +160,9 @@ class TrainerConfig:
     init_adapter_from: str | None = None
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
+    def __post_init__(self) -> None:
+        check_choice("trainer.scheduler", self.scheduler, SCHEDULERS)
+
 
 @dataclass
 class EvalConfig:
@@ -142,6 +178,9 @@ class EvalConfig:
     # How answers are read: official (the PromptCBLUE scorer, leaderboard numbers), lenient
     # (kinder to messy output), or both (official is the headline, lenient a second column).
     scorer: str = "official"
+
+    def __post_init__(self) -> None:
+        check_choice("eval.scorer", self.scorer, SCORER_CHOICES)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
-from moelora.config import LAUNCHERS, STRATEGIES, HardwareConfig, TrainerConfig
+from moelora.config import HardwareConfig, TrainerConfig
 from moelora.errors import UserError
 
 DEEPSPEED_FILE = "deepspeed.json"
@@ -36,28 +36,6 @@ _SIZED_BY_HIDDEN = {
 
 def on_cpu(hardware: HardwareConfig) -> bool:
     return hardware.cpu or not torch.cuda.is_available()
-
-
-def check_hardware(hardware: HardwareConfig) -> None:
-    """Stop on a contradictory hardware preset before anything is loaded."""
-    if hardware.strategy not in STRATEGIES:
-        raise UserError(f"hardware.strategy='{hardware.strategy}' is unknown; use {STRATEGIES}.")
-    if hardware.launcher not in LAUNCHERS:
-        raise UserError(f"hardware.launcher='{hardware.launcher}' is unknown; use {LAUNCHERS}.")
-    if hardware.strategy == "deepspeed" and not hardware.deepspeed.get("zero_optimization"):
-        raise UserError(
-            "hardware.strategy=deepspeed needs hardware.deepspeed.zero_optimization; start from "
-            "hardware=zero2 or hardware=zero3."
-        )
-    if hardware.quantization not in (None, "nf4"):
-        raise UserError(f"hardware.quantization='{hardware.quantization}' is unknown; use nf4.")
-    if hardware.quantization and hardware.strategy == "deepspeed":
-        raise UserError(
-            "a 4-bit base (hardware.quantization=nf4) cannot be partitioned by DeepSpeed; use "
-            "hardware=qlora_4bit with hardware.strategy=single or ddp."
-        )
-    if hardware.num_processes < 1 or hardware.num_machines < 1:
-        raise UserError("hardware.num_processes and hardware.num_machines must be at least 1.")
 
 
 def world_size() -> int:
@@ -109,7 +87,6 @@ def make_accelerator(
     optimizer steps, so accelerate must not step it once per process. DeepSpeed (training only,
     `trainer` given) is configured from hardware.deepspeed; under ZeRO-3 a checkpoint then loads
     straight into partitions (`deepspeed.zero.Init`)."""
-    check_hardware(hardware)
     cpu = on_cpu(hardware)
     precision = "no" if cpu else hardware.mixed_precision
     if precision != hardware.mixed_precision:

@@ -142,3 +142,21 @@ def test_a_distributed_launch_needs_one_run_dir() -> None:
     )
     assert result.returncode == 2
     assert "under a distributed launch pass run_dir=<folder>" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.scheduler=cosin", "trainer.scheduler='cosin' is unknown; use one of cosine, "),
+        ("data.length_policy=cut", "data.length_policy='cut' is unknown; use one of truncate_"),
+        ("data.template=chatml", "data.template='chatml' is unknown; use one of auto, chat, "),
+        ("eval.scorer=offical", "eval.scorer='offical' is unknown; use one of official, "),
+        ("hardware.launcher=mpirun", "hardware.launcher='mpirun' is unknown; use one of "),
+    ],
+)
+def test_a_bad_value_stops_at_start_with_one_sentence(override, message, capsys, tmp_path) -> None:
+    """Each schema checks its own values (`__post_init__`) before anything loads."""
+    result = in_process(capsys, "train", "+experiment=demo", override, f"run_dir={tmp_path}/r")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"moelora train: error: {message}")
+    assert not (tmp_path / "r" / "config.yaml").exists()

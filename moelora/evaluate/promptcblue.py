@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from moelora.config import SCORER_CHOICES
 from moelora.errors import UserError
 from moelora.evaluate import lenient, official
 from moelora.evaluate.metrics import macro_f1, weighted_f1
@@ -57,8 +58,6 @@ Row = Mapping[str, Any]
 SCORERS: dict[str, ModuleType] = {"official": official, "lenient": lenient}
 """Each reading is a module with parse(kind, task, text, choices), tuple_f1, rouge_l and
 section_pairs."""
-
-SCORER_CHOICES = ("official", "lenient", "both")
 
 
 def scorers_of(setting: str) -> list[str]:

@@ -23,7 +23,7 @@ from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
 from moelora.evaluate.promptcblue import empty_target_note, score_predictions, scorers_of
 from moelora.evaluate.report import write_predictions, write_report
-from moelora.hardware import check_hardware, make_accelerator
+from moelora.hardware import make_accelerator
 from moelora.launch import launch_this_command, needs_launch
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import (
@@ -131,7 +131,6 @@ def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) 
 def check_generation_hardware(cfg: GenerationRunConfig, command: str) -> bool:
     """Refuse DeepSpeed for a generating command, and launch it when the hardware asks for
     several processes. Returns True when this process launched the others (nothing left to do)."""
-    check_hardware(cfg.hardware)
     if cfg.hardware.strategy == "deepspeed":
         raise UserError(
             f"moelora {command} generates with whole model copies, not under DeepSpeed "
@@ -170,7 +169,6 @@ def evaluate_command(raw: DictConfig) -> None:
     cfg: EvalRunConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     out_dir = Path(cfg.output_dir)
     guard_eval_output(out_dir)
-    scorers_of(cfg.eval.scorer)
     if cfg.predictions:
         _score_file(cfg, out_dir)
         return
@@ -179,7 +177,6 @@ def evaluate_command(raw: DictConfig) -> None:
     if cfg.run_dir:  # the run's own settings, with the command line's keys on top
         settings = read_run(cfg.run_dir, command_line_changes())
         check_files(settings.data, ("eval",))  # before the model loads
-        scorers_of(settings.eval.scorer)
         accelerator, run = open_run(cfg, cfg.run_dir, settings)
         model, tokenizer, registry = run.model, run.tokenizer, run.registry
         data_cfg, eval_cfg = settings.data, settings.eval
