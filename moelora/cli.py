@@ -6,6 +6,7 @@ Each command is an ordinary Hydra app, so overrides, `-m` sweeps, `--help`, `--c
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -72,6 +73,7 @@ def _hydra_app(command: str) -> Callable[[], None]:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")
     def app(cfg: DictConfig) -> None:
+        _quiet_libraries()
         try:
             COMMANDS[command](cfg)
         except UserError as err:
@@ -79,6 +81,13 @@ def _hydra_app(command: str) -> Callable[[], None]:
             raise SystemExit(2) from None
 
     return app
+
+
+def _quiet_libraries() -> None:
+    """The console shows our lines and progress bars: accelerate's per-checkpoint INFO lines
+    and the tokenizer's note on long inputs (our length policy reports those) stay in the log."""
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
 # The key that names where a command writes; it also becomes Hydra's output dir.
@@ -115,6 +124,12 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
         print(f"moelora {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return [f"hydra.run.dir={folders[-1]}", *overrides]  # before any --flag argparse reads
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.device_count() > 0
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, overrides = argv[0], argv[1:]
+    if not _has_gpu():  # DeepSpeed would probe for one and warn that it fell back to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if command not in COMMANDS:
         print(f"moelora: unknown command '{command}'.\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
