@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from moelora.evaluate.metrics import micro_f1_sets, rouge_l_f, zh_tokens
 from moelora.evaluate.official import (
@@ -38,7 +37,6 @@ from moelora.evaluate.official import (
     EMPTY_LABEL,
     MRG_SECTIONS,
     STS_SYNONYMS,
-    finding_fallback,
 )
 
 _HEADER_MARKERS = ("如下", "判断为", "包含")
@@ -174,25 +172,6 @@ def parse_label(text: str, task: str, choices: Sequence[str] | None = None) -> s
     if not label:
         label = EMPTY_LABEL.get(task) or (choices[0] if choices else "")
     return label
-
-
-def parse(kind: str, task: str, text: str, choices: Sequence[str] | None) -> Any:
-    """The structure an answer is scored on, for one scoring kind (see `promptcblue`)."""
-    if kind == "entities":
-        return parse_entities(text, choices)
-    if kind == "triples":
-        return parse_triples(text)
-    if kind == "events":
-        return parse_events(text)
-    if kind == "normalization":
-        return parse_normalization(text, choices)
-    if kind == "findings":
-        return parse_findings(text, choices, finding_fallback(task))
-    if kind in ("macro", "weighted"):
-        return parse_label(text, task, choices)
-    if kind == "sections":
-        return parse_report(text)
-    return text.strip()
 
 
 tuple_f1 = micro_f1_sets

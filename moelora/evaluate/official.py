@@ -152,25 +152,6 @@ def finding_fallback(task: str) -> str:
     return "无法根据上下文确定病人是否患有该症状" if task == "IMCS-V2-SR" else "不标注"
 
 
-def parse(kind: str, task: str, text: str, choices: Sequence[str] | None) -> Any:
-    """The structure an answer is scored on, for one scoring kind (see `promptcblue`)."""
-    if kind == "entities":
-        return parse_entities(text, choices)
-    if kind == "triples":
-        return parse_triples(text)
-    if kind == "events":
-        return parse_events(text)
-    if kind == "normalization":
-        return parse_normalization(text, choices)
-    if kind == "findings":
-        return parse_findings(text, choices, finding_fallback(task))
-    if kind in ("macro", "weighted"):
-        return parse_label(text, task, choices)
-    if kind == "sections":
-        return parse_report(text)
-    return text.strip()
-
-
 def tuple_f1(golds: Sequence[set], preds: Sequence[set]) -> float:
     """Micro-F1 over rows of tuple sets; 0 whenever no tuple is right."""
     tp = fp = fn = 0

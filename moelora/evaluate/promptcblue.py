@@ -39,6 +39,7 @@ from moelora.config import SCORER_CHOICES
 from moelora.errors import UserError
 from moelora.evaluate import lenient, official
 from moelora.evaluate.metrics import macro_f1, weighted_f1
+from moelora.evaluate.official import finding_fallback
 
 __all__ = [
     "PROMPTCBLUE_TASKS",
@@ -56,7 +57,8 @@ __all__ = [
 Row = Mapping[str, Any]
 
 SCORERS: dict[str, ModuleType] = {"official": official, "lenient": lenient}
-"""Each reading is a module with parse(kind, task, text, choices), tuple_f1, rouge_l and
+"""Each reading is a module with the parsers parse_entities, parse_triples, parse_events,
+parse_normalization, parse_findings, parse_label and parse_report, and tuple_f1, rouge_l and
 section_pairs."""
 
 
@@ -157,7 +159,28 @@ def parse_answer(
 ) -> Any:
     """The structure an answer text is scored on (a set of tuples, a label, a dict of report
     sections or the stripped text): for debugging and reports."""
-    return _reading(scorer).parse(_kind(task, task_type), task, text or "", answer_choices)
+    return _parse(_reading(scorer), _kind(task, task_type), task, text or "", answer_choices)
+
+
+def _parse(
+    reading: ModuleType, kind: str, task: str, text: str, choices: Sequence[str] | None
+) -> Any:
+    """The structure `reading` scores an answer on, for one scoring kind."""
+    if kind == "entities":
+        return reading.parse_entities(text, choices)
+    if kind == "triples":
+        return reading.parse_triples(text)
+    if kind == "events":
+        return reading.parse_events(text)
+    if kind == "normalization":
+        return reading.parse_normalization(text, choices)
+    if kind == "findings":
+        return reading.parse_findings(text, choices, finding_fallback(task))
+    if kind in _LABEL_KINDS:
+        return reading.parse_label(text, task, choices)
+    if kind == "sections":
+        return reading.parse_report(text)
+    return text.strip()
 
 
 def _is_empty(row: Row) -> bool:
@@ -189,7 +212,7 @@ def score_task(
             )
 
     def parse(text: str, row: Row) -> Any:
-        return reading.parse(kind, task, text, row.get("answer_choices"))
+        return _parse(reading, kind, task, text, row.get("answer_choices"))
 
     if kind in _TUPLE_KINDS or kind in _LABEL_KINDS:
         gold_s = [parse(row["target"] or "", row) for _, row in pairs]

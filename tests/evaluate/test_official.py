@@ -16,6 +16,7 @@ from moelora.evaluate.promptcblue import (
     score_predictions,
     score_task,
 )
+from tests.evaluate.test_promptcblue import _demo as _row
 
 TOY_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "promptcblue_toy"
 SCORES_DIR = TOY_DIR / "official_scores"
@@ -70,17 +71,6 @@ def test_lenient_reads_some_damaged_files_differently():
 # --------------------------------------------------------------------------------------------
 # Quirks, on hand-made rows
 # --------------------------------------------------------------------------------------------
-
-
-def _row(task: str, task_type: str, target: str, choices: list[str] | None = None) -> dict:
-    return {
-        "input": "…",
-        "target": target,
-        "answer_choices": choices,
-        "task_type": task_type,
-        "task_dataset": task,
-        "sample_id": f"{task}-x",
-    }
 
 
 def _both(row: dict, prediction: str) -> tuple[float, float]:
