@@ -31,7 +31,7 @@ they are left out. `empty_targets` counts them, and `empty_target_note` says so 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -253,17 +253,23 @@ def score_predictions(
         "per_task": per_task,
         "overall": sum(per_task.values()) / len(per_task),
         "num_rows": {task: len(rows) for task, (_, _, rows) in groups.items()},
-        "empty_targets": dict(Counter(r["task_dataset"] for r in golds if _is_empty(r))),
+        "empty_targets": dict(Counter(r["task_dataset"] for r in _empty_rows(golds))),
     }
 
 
-def empty_target_note(golds: Sequence[Row]) -> str | None:
+def _empty_rows(golds: Iterable[Row]) -> list[Row]:
+    return [row for row in golds if _is_empty(row)]
+
+
+def empty_target_note(golds: Iterable[Row]) -> str | None:
     """One line on the rows with an empty gold target, or None when there are none."""
-    empty = Counter(r["task_dataset"] for r in golds if _is_empty(r))
-    if not empty:
+    rows = _empty_rows(golds)
+    if not rows:
         return None
+    empty = Counter(r["task_dataset"] for r in rows)
+    types = {r["task_dataset"]: r.get("task_type") for r in rows}
     where = ", ".join(f"{task}: {n}" for task, n in sorted(empty.items()))
-    labels = sorted(t for t in empty if _kind(t, _type_of(golds, t)) in _LABEL_KINDS)
+    labels = sorted(t for t in empty if _kind(t, types[t]) in _LABEL_KINDS)
     left_out = (
         f"; left out of {', '.join(labels)} (label tasks cannot score them)" if labels else ""
     )
@@ -271,7 +277,3 @@ def empty_target_note(golds: Sequence[Row]) -> str | None:
         f"note: {sum(empty.values())} eval rows have an empty target ({where}); they are scored "
         f"as the official scorer scores them: no gold tuple, or '无。' for a text{left_out}."
     )
-
-
-def _type_of(golds: Sequence[Row], task: str) -> str | None:
-    return next(r.get("task_type") for r in golds if r["task_dataset"] == task)

@@ -83,8 +83,11 @@ def report_columns(label: str, scored: dict[str, dict]) -> dict[str, dict]:
 
 
 def say_empty_targets(rows, say) -> None:
-    """One note line when eval rows have an empty gold target (scored as officially)."""
-    note = empty_target_note(list(rows))
+    """One note line when eval rows have an empty gold target (scored as officially); a
+    tokenized Dataset is read without its token columns."""
+    if isinstance(rows, Dataset):
+        rows = rows.select_columns(["task_dataset", "task_type", "target"])
+    note = empty_target_note(rows)
     if note:
         say(note)
 
@@ -142,17 +145,24 @@ def check_generation_hardware(cfg: GenerationRunConfig, command: str) -> bool:
     return False
 
 
+def start_placement(cfg: GenerationRunConfig) -> tuple[Accelerator, bool, tuple]:
+    """(accelerator, on_cpu, placement): the arguments after `on_cpu` that `load_base_model`
+    and `load_run` take to put a base on this process's device in the run's precision."""
+    accelerator = make_accelerator(cfg.hardware)
+    precision = COMPUTE_DTYPES[accelerator.mixed_precision]
+    placement = (cfg.hardware.quantization, accelerator.device, precision)
+    return accelerator, accelerator.device.type == "cpu", placement
+
+
 def open_run(
     cfg: GenerationRunConfig, run_dir: str, settings: RunSettings
 ) -> tuple[Accelerator, LoadedRun]:
     """(accelerator, LoadedRun): the run's model on this process's device, at the adapter stage
     its eval settings score with; a QLoRA run on a full-precision base (or back) gets a note."""
     stage = inference_stage(settings.method, settings.eval.force_domain)
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator, on_cpu, placement = start_placement(cfg)
+    run = load_run(run_dir, cfg.cache_dir, on_cpu, *placement, settings)
     quantization = cfg.hardware.quantization
-    on_cpu = accelerator.device.type == "cpu"
-    placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
-    run = load_run(run_dir, cfg.cache_dir, on_cpu, *placed, settings)
     if settings.quantization != quantization:
         accelerator.print(
             f"note: the run trained on a {settings.quantization or 'full-precision'} base "
@@ -182,13 +192,10 @@ def evaluate_command(raw: DictConfig) -> None:
         data_cfg, eval_cfg = settings.data, settings.eval
         title = f"run {cfg.run_dir} ({settings.method})"
     else:
-        accelerator = make_accelerator(cfg.hardware)
-        quantization = cfg.hardware.quantization
-        placed = (quantization, accelerator.device, COMPUTE_DTYPES[accelerator.mixed_precision])
-        on_cpu = accelerator.device.type == "cpu"
+        accelerator, on_cpu, placement = start_placement(cfg)
         tokenizer = load_tokenizer(cfg.model)
-        model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, on_cpu, *placed)
-        if not quantization:
+        model = load_base_model(cfg.model, tokenizer, cfg.cache_dir, on_cpu, *placement)
+        if not cfg.hardware.quantization:  # a 4-bit base is placed while loading
             model.to(accelerator.device)
         data_cfg, eval_cfg = cfg.data, cfg.eval
         title = f"base model {cfg.model.name_or_path}"

@@ -64,14 +64,15 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
         raise UserError(
             f"trainer.resume=true, but {cfg.run_dir} has no checkpoints/; pass run_dir=<a run>."
         )
-    added = method_of(cfg.method).added_domains()
+    method = method_of(cfg.method)
+    added = method.added_domains()
     if added and not cfg.trainer.init_adapter_from:
         raise UserError(
             f"method.add_domains={added} adds domains to an earlier run; "
             f"pass trainer.init_adapter_from=<that run's directory>."
         )
     inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
-    stages = method_of(cfg.method).stages()
+    stages = method.stages()
     if cfg.hardware.strategy == "deepspeed" and len(stages) > 1:
         raise UserError(
             f"under DeepSpeed a run trains one stage (the engine owns the optimizer and the "
@@ -112,9 +113,10 @@ def train(raw_cfg: DictConfig) -> dict:
             {"per_task": dict.fromkeys(data.eval["task_dataset"], 0.0)}, cfg.eval.summary_tasks
         )
     sampler = MixtureSampler(data.train["task_dataset"], cfg.data.mixture, cfg.trainer.seed)
-    if earlier is not None and method_of(cfg.method).uses_domains:
+    method = method_of(cfg.method)
+    if earlier is not None and method.uses_domains:
         present = {data.registry.domain_of[task] for task in sampler.rows_of}
-        check_added_domains(earlier.domains, present, method_of(cfg.method).added_domains())
+        check_added_domains(earlier.domains, present, method.added_domains())
     _describe_data(say, data, sampler, cfg, accelerator.num_processes)
     if cfg.eval.enabled:
         say_empty_targets(data.eval, say)
@@ -184,7 +186,7 @@ def train(raw_cfg: DictConfig) -> dict:
         on_prepared = None
     if init_from:  # after the "before" row, which stays the base model's
         _init_adapter(say, model, init_from)
-    added = [data.registry.domains.index(d) for d in method_of(cfg.method).added_domains()]
+    added = [data.registry.domains.index(d) for d in method.added_domains()]
 
     state = TrainState()
     started = time.perf_counter()
