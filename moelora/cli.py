@@ -88,6 +88,8 @@ def _quiet_libraries() -> None:
     and the tokenizer's note on long inputs (our length policy reports those) stay in the log."""
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    # bitsandbytes' optional CPU kernels package is not needed: its absence is not our news.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # The key that names where a command writes; it also becomes Hydra's output dir.

@@ -13,7 +13,10 @@ from transformers import AutoConfig
 from moelora.adapters import export_peft_adapter, get_method, merge_adapter
 from moelora.config import ExportConfig, ModelConfig
 from moelora.errors import UserError
+from moelora.log import get_logger
 from moelora.rundir import load_run
+
+log = get_logger(__name__)
 
 FORMATS = ("peft", "merged")
 
@@ -40,7 +43,7 @@ def export_command(raw: DictConfig) -> None:
     try:
         if "peft" in cfg.formats:
             export_peft_adapter(run.model, task_id, out / "peft", domain_id=domain_id)
-            print(f"PEFT LoRA adapter: {out / 'peft'}")
+            log.info(f"PEFT LoRA adapter: {out / 'peft'}")
         if "merged" in cfg.formats:
             merged = merge_adapter(run.model, task_id, domain_id=domain_id)
             saved_dtype = _checkpoint_dtype(run.settings.model)
@@ -48,7 +51,7 @@ def export_command(raw: DictConfig) -> None:
                 merged.to(saved_dtype)
             merged.save_pretrained(out / "merged")
             run.tokenizer.save_pretrained(out / "merged")
-            print(f"merged model: {out / 'merged'}")
+            log.info(f"merged model: {out / 'merged'}")
     except ValueError as err:
         raise UserError(str(err)) from None
     info = {

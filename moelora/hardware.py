@@ -23,6 +23,9 @@ from accelerate.utils import (
 
 from moelora.config import HardwareConfig, TrainerConfig
 from moelora.errors import UserError
+from moelora.log import get_logger
+
+log = get_logger(__name__)
 
 DEEPSPEED_FILE = "deepspeed.json"
 # DeepSpeed keys sized from the model's hidden size h, as accelerate and transformers fill them.
@@ -90,7 +93,7 @@ def make_accelerator(
     cpu = on_cpu(hardware)
     precision = "no" if cpu else hardware.mixed_precision
     if precision != hardware.mixed_precision:
-        print(f"no GPU: hardware.mixed_precision={hardware.mixed_precision} becomes fp32")
+        log.info(f"no GPU: hardware.mixed_precision={hardware.mixed_precision} becomes fp32")
     loggers = [name for name in loggers or [] if name != "none"]
     project = None
     if run_dir is not None:
@@ -104,7 +107,7 @@ def make_accelerator(
         )
         if hardware.strategy == "deepspeed":
             if os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None):
-                print(
+                log.info(
                     "hardware.deepspeed is the DeepSpeed config; your accelerate config's is unused"
                 )
             config = deepspeed_config(hardware, trainer, precision, world_size())

@@ -19,6 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from moelora.config import HardwareConfig
 from moelora.errors import UserError
 from moelora.hardware import on_cpu, world_size
+from moelora.log import get_logger
+
+log = get_logger(__name__)
 
 
 def needs_launch(hardware: HardwareConfig) -> bool:
@@ -106,14 +109,14 @@ def launch(hardware: HardwareConfig, command: str, overrides: list[str], pinned:
             shell_line(*launch_command(hardware, command, overrides, pinned, str(rank)))
             for rank in range(hardware.num_machines)
         ]
-        print(
+        log.info(
             f"this run spans {hardware.num_machines} machines: on each, with MAIN_IP set to the "
             f"first machine's address and {pinned.split('=', 1)[0]} on shared storage, run\n"
             + "\n".join(f"  machine {rank}: {line}" for rank, line in enumerate(lines))
         )
         return
     env, argv = launch_command(hardware, command, overrides, pinned)
-    print(f"launching {hardware.num_processes} processes: {shell_line(env, argv)}", flush=True)
+    log.info(f"launching {hardware.num_processes} processes: {shell_line(env, argv)}")
     done = subprocess.run(argv, env={**os.environ, **env}, check=False)
     if done.returncode != 0:
         raise UserError(

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from moelora.adapters import LayerParts, Method, method_names, register_method
 from moelora.adapters.config import ExpertConfig, setting
 from moelora.adapters.gates import per_row
+from moelora.adapters.methods.base import METHOD_REGISTRY
 from moelora.adapters.routing import Routing
 from moelora.config import register_configs
 from moelora.evaluate.run import evaluate_command
@@ -152,3 +153,23 @@ def test_no_method_name_is_compared_outside_the_methods_package() -> None:
                 if any(isinstance(i, ast.Constant) and i.value in names for i in items):
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_recipe_reads_in_short_named_steps_without_stage_names() -> None:
+    """Stages belong to their method (`Method.stage_rows`, `enter_stage`): the recipe names none,
+    and none of its steps is longer than about a screen."""
+    stages = {name for method in METHOD_REGISTRY.values() for name in method.stage_names}
+    tree = ast.parse((REPO / "moelora" / "train" / "loop.py").read_text(encoding="utf-8"))
+    named = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and any(isinstance(o, ast.Constant) and o.value in stages for o in node.comparators)
+    ]
+    assert named == []
+    long = {
+        node.name: node.end_lineno - node.lineno + 1
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60
+    }
+    assert long == {}

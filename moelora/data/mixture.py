@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Sampler
 
 from moelora.config import MixtureConfig
+from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 
 STRATEGIES = ("proportional", "uniform", "temperature", "weights")
@@ -72,6 +73,34 @@ def balanced_over_domains(domain_of: dict[str, str], cfg: MixtureConfig) -> Mixt
         per_domain[domain] = per_domain.get(domain, 0) + 1
     weights = {task: 1.0 / per_domain[domain] for task, domain in domain_of.items()}
     return MixtureConfig(strategy="weights", weights=weights, epoch_size=cfg.epoch_size)
+
+
+# What a training stage can draw (`Method.stage_rows`), and how the log line says it.
+STAGE_ROWS = {
+    "mixture": "the mixture",
+    "added_domains": "only the added domains' rows",
+    "balanced_domains": "rows per domain balanced",
+}
+
+
+def stage_sampler(
+    rows: str,
+    task_of_row: Sequence[str],
+    registry: TaskRegistry,
+    cfg: MixtureConfig,
+    seed: int,
+    added_domains: Collection[str] = (),
+) -> MixtureSampler:
+    """The sampler of a stage that draws `rows` (see `Method.stage_rows`)."""
+    if rows == "added_domains":
+        tasks = registry.tasks_in(added_domains)
+        return MixtureSampler(task_of_row, cfg, seed, only_tasks=tasks)
+    if rows == "balanced_domains":
+        present = {task: registry.domain_of[task] for task in dict.fromkeys(task_of_row)}
+        return MixtureSampler(task_of_row, balanced_over_domains(present, cfg), seed)
+    if rows != "mixture":
+        raise ValueError(f"stage rows {rows!r} are unknown; use one of {', '.join(STAGE_ROWS)}.")
+    return MixtureSampler(task_of_row, cfg, seed)
 
 
 class MixtureSampler(Sampler[int]):

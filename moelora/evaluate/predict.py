@@ -20,7 +20,10 @@ from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
 from moelora.evaluate.report import write_predictions
 from moelora.evaluate.run import check_generation_hardware, command_line_changes, open_run
+from moelora.log import get_logger
 from moelora.rundir import RunSettings, guard_eval_output, read_run
+
+log = get_logger(__name__)
 
 SUBMISSION_NAME = "test_predictions.json"
 """The official PromptCBLUE submission: JSON Lines, each input row with its answer in `target`."""
@@ -63,7 +66,7 @@ def predict_command(raw: DictConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(out_dir / "predictions.jsonl", rows, answers)
     write_submission(out_dir / SUBMISSION_NAME, rows, answers)
-    print(
+    log.info(
         f"{len(answers)} answers from run {cfg.run_dir} ({settings.method}): "
         f"{out_dir / 'predictions.jsonl'} and {out_dir / SUBMISSION_NAME}"
     )

@@ -25,6 +25,7 @@ from moelora.evaluate.promptcblue import empty_target_note, score_predictions, s
 from moelora.evaluate.report import write_predictions, write_report
 from moelora.hardware import make_accelerator
 from moelora.launch import launch_this_command, needs_launch
+from moelora.log import get_logger
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import (
     RUN_GROUPS,
@@ -34,6 +35,8 @@ from moelora.rundir import (
     load_run,
     read_run,
 )
+
+log = get_logger(__name__)
 
 
 def inference_stage(method: str, force_domain: bool) -> str | None:
@@ -82,14 +85,14 @@ def report_columns(label: str, scored: dict[str, dict]) -> dict[str, dict]:
     return {label: scored[headline], **{f"{label}_{name}": scored[name] for name in others}}
 
 
-def say_empty_targets(rows, say) -> None:
+def log_empty_targets(rows) -> None:
     """One note line when eval rows have an empty gold target (scored as officially); a
     tokenized Dataset is read without its token columns."""
     if isinstance(rows, Dataset):
         rows = rows.select_columns(["task_dataset", "task_type", "target"])
     note = empty_target_note(rows)
     if note:
-        say(note)
+        log.info(note)
 
 
 def score_model(
@@ -164,7 +167,7 @@ def open_run(
     run = load_run(run_dir, cfg.cache_dir, on_cpu, *placement, settings)
     quantization = cfg.hardware.quantization
     if settings.quantization != quantization:
-        accelerator.print(
+        log.info(
             f"note: the run trained on a {settings.quantization or 'full-precision'} base "
             f"and is scored on a {quantization or 'full-precision'} one; "
             f"hardware.quantization={settings.quantization or 'null'} scores it as trained."
@@ -202,7 +205,7 @@ def evaluate_command(raw: DictConfig) -> None:
         registry = TaskRegistry.from_rows(read_eval_rows(data_cfg))
     data = prepare_data(data_cfg, tokenizer, registry)
     if accelerator.is_main_process:
-        say_empty_targets(data.eval, print)
+        log_empty_targets(data.eval)
     scores = score_model(
         model,
         tokenizer,
@@ -216,7 +219,7 @@ def evaluate_command(raw: DictConfig) -> None:
     if accelerator.is_main_process:
         columns = report_columns("score", scores)
         write_report(out_dir, f"moelora eval: {title}", columns, {"source": title})
-        print((out_dir / "report.md").read_text())
+        log.info((out_dir / "report.md").read_text())
 
 
 def command_line_changes() -> dict[str, Any]:
@@ -268,10 +271,10 @@ def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:
             predicted[sample_id] = text
     missing = len(gold) - len(predicted)
     if missing:
-        print(f"warning: {missing} gold rows have no prediction and score as empty answers")
-    say_empty_targets(gold, print)
+        log.warning(f"{missing} gold rows have no prediction and score as empty answers")
+    log_empty_targets(gold)
     scored = score_rows(gold, [predicted.get(r["sample_id"], "") for r in gold], cfg.eval)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = report_columns("score", scored)
     write_report(out_dir, f"moelora eval: {path.name}", columns, {"source": str(path)})
-    print((out_dir / "report.md").read_text())
+    log.info((out_dir / "report.md").read_text())

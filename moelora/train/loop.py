@@ -1,6 +1,7 @@
-"""The training recipe, readable top to bottom: validate -> data -> model + adapters -> score the
-base -> (start from an earlier run's adapter) -> train each stage (with checkpoints) -> save the
-adapter -> score -> report.
+"""The training recipe, readable top to bottom in `train`: prepare (checks, processes, data) ->
+build (model + adapters) -> open the run directory -> score the base -> (start from an earlier
+run's adapter) -> train each stage (with checkpoints) -> save the adapter -> score -> report.
+The steps share one `Run`; training progress across stages is a `Progress`.
 
 Launch: `moelora train +experiment=demo` on one device, or through a distributed launcher:
 `accelerate launch -m moelora train +experiment=cmedical hardware=...`.
@@ -9,12 +10,14 @@ Launch: `moelora train +experiment=demo` on one device, or through a distributed
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import resource
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,12 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from moelora.adapters import AdaptedModel, load_adapter_weights, method_of
+from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import answer_tokens, loss_loader
-from moelora.data.mixture import MixtureSampler, balanced_over_domains
+from moelora.data.mixture import STAGE_ROWS, MixtureSampler, stage_sampler
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
 from moelora.errors import UserError
@@ -35,8 +38,8 @@ from moelora.evaluate.report import write_report
 from moelora.evaluate.run import (
     eval_loss,
     inference_stage,
+    log_empty_targets,
     report_columns,
-    say_empty_targets,
     score_model,
     with_summary,
 )
@@ -49,9 +52,12 @@ from moelora.hardware import (
     save_deepspeed_config,
 )
 from moelora.launch import launch_this_command, needs_launch
+from moelora.log import get_logger
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState, save_whole_adapter
+
+log = get_logger(__name__)
 
 
 def load_train_config(raw: DictConfig) -> TrainConfig:
@@ -83,9 +89,40 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
     return cfg  # type: ignore[return-value]
 
 
-def stages_of(cfg: TrainConfig) -> list[str | None]:
-    """The method's training stages in order (MoDULA's three), or one unnamed stage."""
-    return method_of(cfg.method).stages()
+@dataclass
+class Run:
+    """What the recipe's steps share: the typed config, the processes, the data and the model."""
+
+    cfg: TrainConfig
+    raw: DictConfig
+    method: Method
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    sampler: MixtureSampler
+    model: AdaptedModel | None = None
+    checkpointer: Checkpointer | None = None
+    adapter_parameters: int = 0  # trainable when built (stages freeze some later)
+    resume_from: TrainState | None = None  # the newest checkpoint's position, when resuming
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def before_file(self) -> Path:
+        """The base model's scores, {scorer: scores}; written once, kept across resumes."""
+        return self.run_dir / "scores_before.json"
+
+
+@dataclass
+class Progress:
+    """What training has done so far, across stages."""
+
+    state: TrainState = field(default_factory=TrainState)
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)  # the logged (windowed) training losses
+    seconds: float = 0.0
 
 
 def train(raw_cfg: DictConfig) -> dict:
@@ -94,17 +131,29 @@ def train(raw_cfg: DictConfig) -> dict:
     if needs_launch(cfg.hardware):
         launch_this_command(cfg.hardware, "train", f"run_dir={cfg.run_dir}")
         return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
+    run = prepare(cfg, raw_cfg)
+    build(run)
+    open_run_dir(run)
+    on_prepared = score_before(run)
+    if cfg.trainer.init_adapter_from:  # after the "before" scores, which stay the base model's
+        _init_adapter(run.model, cfg.trainer.init_adapter_from)
+    progress = train_stages(run, on_prepared)
+    save(run)
+    return report(run, progress, score_after(run))
+
+
+def prepare(cfg: TrainConfig, raw_cfg: DictConfig) -> Run:
+    """Check the run directory and files, start the processes, read and tokenize the data."""
     guard_run_dir(cfg.run_dir, cfg.trainer.resume)
     if cfg.trainer.resume:
         check_resume_config(cfg.run_dir, to_container(raw_cfg))
     check_files(cfg.data)
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
-    run_dir = Path(cfg.run_dir)
-    accelerator = make_accelerator(cfg.hardware, run_dir, cfg.trainer.log_with, cfg.trainer)
+    run_dir, trainer = Path(cfg.run_dir), cfg.trainer
+    accelerator = make_accelerator(cfg.hardware, run_dir, trainer.log_with, trainer)
     accelerator.wait_for_everyone()  # every rank has read config.yaml before rank 0 rewrites it
     set_seed(cfg.trainer.seed)
-    say = accelerator.print
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, extend=earlier)  # earlier ids kept, new appended
@@ -117,15 +166,20 @@ def train(raw_cfg: DictConfig) -> dict:
     if earlier is not None and method.uses_domains:
         present = {data.registry.domain_of[task] for task in sampler.rows_of}
         check_added_domains(earlier.domains, present, method.added_domains())
-    _describe_data(say, data, sampler, cfg, accelerator.num_processes)
+    _describe_data(data, sampler, cfg, accelerator.num_processes)
     if cfg.eval.enabled:
-        say_empty_targets(data.eval, say)
+        log_empty_targets(data.eval)
+    return Run(cfg, raw_cfg, method, accelerator, tokenizer, data, sampler)
 
+
+def build(run: Run) -> None:
+    """Load the base model, wrap it with the method's adapters and place it."""
+    cfg, accelerator, registry = run.cfg, run.accelerator, run.data.registry
     tiny = cfg.model.name_or_path == "tiny"  # built and warmed up here, not loaded
     with built_whole(accelerator) if tiny else contextlib.nullcontext():
         base = load_base_model(
             cfg.model,
-            tokenizer,
+            run.tokenizer,
             cfg.cache_dir,
             accelerator.device.type == "cpu",
             cfg.hardware.quantization,
@@ -133,183 +187,127 @@ def train(raw_cfg: DictConfig) -> dict:
             COMPUTE_DTYPES[accelerator.mixed_precision],
         )
     if hasattr(next(base.parameters()), "ds_id"):
-        say("base model loaded straight into ZeRO-3 partitions (deepspeed.zero.Init)")
+        log.info("base model loaded straight into ZeRO-3 partitions (deepspeed.zero.Init)")
     try:
-        model = AdaptedModel(base, cfg.method, len(data.registry.tasks), len(data.registry.domains))
+        model = AdaptedModel(base, cfg.method, len(registry.tasks), len(registry.domains))
     except ValueError as err:  # e.g. no module matches method.target_modules
         raise UserError(str(err)) from None
-    adapter_parameters = model.num_trainable_parameters()
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     if not cfg.hardware.quantization:  # a 4-bit base is placed while loading
         model.to(accelerator.device)
     if (live_deepspeed := deepspeed_of(accelerator)) is not None:
         fill_model_sizes(live_deepspeed, base.config.hidden_size)
-    say(f"method {cfg.method.name}: {adapter_parameters:,} adapter parameters")
+    run.model, run.adapter_parameters = model, model.num_trainable_parameters()
+    log.info(f"method {cfg.method.name}: {run.adapter_parameters:,} adapter parameters")
 
+
+def open_run_dir(run: Run) -> None:
+    """Write config.yaml and tasks.json, start the trackers and find a checkpoint to resume."""
+    cfg, accelerator = run.cfg, run.accelerator
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(raw_cfg)))
-        data.registry.save(run_dir / "tasks.json")
-    save_deepspeed_config(accelerator, run_dir)
-    accelerator.init_trackers("train", config=_flat_hparams(raw_cfg))
-    accelerator.log({f"data/mix/{t}": n / len(sampler) for t, n in sampler.counts.items()}, step=0)
-
-    checkpointer = Checkpointer(
-        accelerator, model, run_dir / "checkpoints", cfg.trainer.keep_checkpoints
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(run.raw)))
+        run.data.registry.save(run.run_dir / "tasks.json")
+    save_deepspeed_config(accelerator, run.run_dir)
+    accelerator.init_trackers("train", config=_flat_hparams(run.raw))
+    mix = {f"data/mix/{t}": n / len(run.sampler) for t, n in run.sampler.counts.items()}
+    accelerator.log(mix, step=0)
+    run.checkpointer = Checkpointer(
+        accelerator, run.model, run.run_dir / "checkpoints", cfg.trainer.keep_checkpoints
     )
-    resume_from = checkpointer.latest_state() if cfg.trainer.resume else None
-    before_file = run_dir / "scores_before.json"
+    run.resume_from = run.checkpointer.latest_state() if cfg.trainer.resume else None
 
-    def score(scored: torch.nn.Module, label: str) -> dict[str, dict]:
-        """Scores on the dev set by reading, predictions_<label>.jsonl in the run dir."""
-        limit = cfg.data.max_target_length
-        return score_model(
-            scored, tokenizer, data.eval, cfg.eval, limit, accelerator, label, run_dir
+
+def _score(run: Run, model: torch.nn.Module, label: str) -> dict[str, dict]:
+    """Scores on the dev set by reading; predictions_<label>.jsonl in the run dir."""
+    cfg = run.cfg
+    limit, accelerator = cfg.data.max_target_length, run.accelerator
+    return score_model(
+        model, run.tokenizer, run.data.eval, cfg.eval, limit, accelerator, label, run.run_dir
+    )
+
+
+def _score_base(run: Run, model: torch.nn.Module) -> None:
+    """Every method starts with B = 0, so the untrained adapted model is exactly its base."""
+    before = _score(run, model, "before")
+    if run.accelerator.is_main_process:
+        run.before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
+
+
+def score_before(run: Run) -> Callable[[torch.nn.Module], None] | None:
+    """Score the base model now, or return that scoring for when the first stage has prepared
+    the model: under ZeRO-3 a loaded base is partitioned and runs only once the engine hooks it."""
+    cfg = run.cfg
+    if not (cfg.eval.enabled and cfg.eval.before) or run.before_file.exists():
+        return None
+    if not is_zero3(run.accelerator):
+        _score_base(run, run.model)
+        return None
+    if cfg.trainer.init_adapter_from:  # by then the earlier adapter is in place
+        log.info(
+            "ZeRO-3 with init_adapter_from: no 'before' column; score the base with moelora eval"
         )
+        return None
+    return functools.partial(_score_base, run)
 
-    def score_before(prepared: torch.nn.Module) -> None:
-        """Every method starts with B = 0, so the untrained adapted model is exactly its base."""
-        if not (cfg.eval.enabled and cfg.eval.before) or before_file.exists():
-            return
-        before = score(prepared, "before")
-        if accelerator.is_main_process:
-            before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
 
-    # Under ZeRO-3 a loaded base is partitioned and runs only once the engine has hooked it,
-    # by when an init_adapter_from adapter is in place: then the base is not scored here.
-    on_prepared = score_before if is_zero3(accelerator) else None
-    if on_prepared is None:
-        score_before(model)
-    elif init_from and cfg.eval.enabled and cfg.eval.before:
-        say("ZeRO-3 with init_adapter_from: no 'before' column; score the base with moelora eval")
-        on_prepared = None
-    if init_from:  # after the "before" row, which stays the base model's
-        _init_adapter(say, model, init_from)
-    added = [data.registry.domains.index(d) for d in method.added_domains()]
-
-    state = TrainState()
-    started = time.perf_counter()
-    tokens, losses = 0, []
-    for index, stage in enumerate(stages_of(cfg)):
-        if resume_from is not None and index < resume_from.stage:
+def train_stages(run: Run, on_prepared: Callable[[torch.nn.Module], None] | None) -> Progress:
+    """Train the method's stages in order (resuming inside the checkpoint's stage), then set the
+    adapter to the stage it is scored and saved in."""
+    cfg, method, registry = run.cfg, run.method, run.data.registry
+    added = [registry.domains.index(d) for d in method.added_domains()]
+    progress, started = Progress(), time.perf_counter()
+    for index, name in enumerate(method.stages()):
+        if run.resume_from is not None and index < run.resume_from.stage:
             continue
-        model.set_stage(stage, domains=added or None)  # the domain stage: only added experts
-        resume_here = resume_from is not None and index == resume_from.stage
-        state, stage_tokens, stage_losses = _train_stage(
-            cfg,
-            accelerator,
-            model,
-            data,
-            _stage_sampler(say, cfg, data, sampler, stage),
-            checkpointer,
-            index,
-            state,
-            stage,
-            resume_here,
-            on_prepared,
-        )
-        on_prepared = None  # the first stage run scores the base, once
-        tokens += stage_tokens
-        losses += stage_losses
-    seconds = time.perf_counter() - started
-    model.set_stage(inference_stage(cfg.method.name, cfg.eval.force_domain))
-
-    save_whole_adapter(
-        accelerator,
-        model,
-        run_dir / "adapter",
-        {"tasks": data.registry.to_dict(), "base_model": cfg.model.name_or_path},
-    )
-    info = {
-        "method": cfg.method.name,
-        "model": cfg.model.name_or_path,
-        "trainable_parameters": adapter_parameters,
-        "steps": state.global_step,
-        "train_seconds": round(seconds, 1),
-        "train_tokens_per_second": round(tokens / max(seconds, 1e-9)),
-        "train_loss_first": round(losses[0], 4) if losses else None,
-        "train_loss_last": round(losses[-1], 4) if losses else None,
-        **peak_memory(accelerator),
-        "final_eval_loss": round(eval_loss(model, data.eval, cfg, accelerator), 4),
-    }
-    columns = report_columns("before", _read_json(before_file) or {})
-    if cfg.eval.enabled:
-        columns |= report_columns("after", score(model, "after"))
-    if accelerator.is_main_process and cfg.eval.enabled:
-        write_report(run_dir, f"moelora run: {cfg.method.name} on {cfg.data.name}", columns, info)
-        say((run_dir / "report.md").read_text())
-    elif accelerator.is_main_process:
-        (run_dir / "metrics.json").write_text(json.dumps({"info": info}, indent=2))
-    say(f"run directory: {run_dir}")
-    accelerator.wait_for_everyone()  # then end_training destroys the process group cleanly
-    accelerator.end_training()
-    return {"info": info, **columns}
+        run.model.set_stage(name, domains=added or None)  # the domain stage: only added experts
+        rows = method.stage_rows(name)
+        sampler = run.sampler
+        if rows != "mixture":
+            sampler = stage_sampler(
+                rows,
+                run.data.train["task_dataset"],
+                registry,
+                cfg.data.mixture,
+                cfg.trainer.seed,
+                method.added_domains(),
+            )
+            log.info(f"{name} stage: {STAGE_ROWS[rows]}, per task {sampler.counts}")
+        stage = start_stage(run, index, name, sampler, on_prepared)
+        on_prepared = None  # the first stage scores the base, once
+        resume = run.resume_from is not None and index == run.resume_from.stage
+        run_stage(run, stage, progress, resume)
+    progress.seconds = time.perf_counter() - started
+    run.model.set_stage(inference_stage(cfg.method.name, cfg.eval.force_domain))
+    return progress
 
 
-def peak_memory(accelerator: Accelerator) -> dict[str, float]:
-    """Peak memory of rank 0 during training, in GiB: the GPU's allocator and the host RSS."""
-    peaks = {"peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if accelerator.device.type == "cuda":
-        peaks["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    return {key: round(value, 2) for key, value in peaks.items()}
+@dataclass
+class Stage:
+    """One stage's prepared objects: a fresh optimizer over what the stage trains."""
+
+    index: int
+    name: str | None
+    model: torch.nn.Module  # wrapped by accelerate (DDP, a DeepSpeed engine) or the model
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def _init_adapter(say, model: AdaptedModel, run_dir: str) -> None:
-    """Start from an earlier run's adapter; what does not fit (added domain experts, a resized
-    router or task embedding) keeps its init. Says what was loaded and what was not."""
-    loaded, kept = load_adapter_weights(model, Path(run_dir) / "adapter", strict=False)
-    local = {
-        f"base_model.{path}.{name}": name
-        for path, layer in model.adapted_layers.items()
-        for name, _ in layer.named_parameters()
-    }
-    tally = Counter(local.get(name, name) for name in kept)
-    say(
-        f"initialised from {run_dir}: {len(loaded)} adapter tensors loaded, {len(kept)} new or "
-        f"resized ones keep their init" + "".join(f"\n  {n} x{c}" for n, c in tally.items())
-    )
-
-
-def _stage_sampler(
-    say, cfg: TrainConfig, data: PreparedData, sampler: MixtureSampler, stage: str | None
-) -> MixtureSampler:
-    """The rows a stage draws: the mixture; for MoDULA's `domain` stage with add_domains, the
-    mixture over the added domains' rows only; for `router`, every domain equally often."""
-    task_of_row, seed = data.train["task_dataset"], cfg.trainer.seed
-    added = method_of(cfg.method).added_domains()
-    if stage == "domain" and added:
-        tasks = data.registry.tasks_in(added)
-        sampler = MixtureSampler(task_of_row, cfg.data.mixture, seed, only_tasks=tasks)
-        say(f"domain stage: only the added domains' rows, per task {sampler.counts}")
-    elif stage == "router":
-        present = {task: data.registry.domain_of[task] for task in sampler.rows_of}
-        mix = balanced_over_domains(present, cfg.data.mixture)
-        sampler = MixtureSampler(task_of_row, mix, seed)
-        say(f"router stage: rows per domain balanced, per task {sampler.counts}")
-    return sampler
-
-
-def _train_stage(
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    model: AdaptedModel,
-    data: PreparedData,
+def start_stage(
+    run: Run,
+    index: int,
+    name: str | None,
     sampler: MixtureSampler,
-    checkpointer: Checkpointer,
-    stage_index: int,
-    state: TrainState,
-    stage: str | None,
-    resume: bool,
-    on_prepared: Callable[[torch.nn.Module], None] | None = None,
-) -> tuple[TrainState, int, list[float]]:
-    """One stage: a fresh optimizer over what the stage trains, `trainer.max_steps` steps.
-    `on_prepared` runs once the model is prepared (wrapped or partitioned), before any step.
-    Returns the state, the tokens seen and the logged (windowed) training losses."""
-    t = cfg.trainer
+    on_prepared: Callable[[torch.nn.Module], None] | None,
+) -> Stage:
+    """Prepare the model, a fresh optimizer, the loader and the schedule of one stage;
+    `on_prepared` runs once the model is prepared (wrapped or partitioned), before any step."""
+    t, accelerator, model = run.cfg.trainer, run.accelerator, run.model
     accelerator.free_memory()
     loader = loss_loader(
-        data.train,
+        run.data.train,
         t.batch_size,
         model.base_model.config.pad_token_id or 0,
         sampler=sampler,
@@ -326,66 +324,155 @@ def _train_stage(
         num_warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
         num_training_steps=t.max_steps,
     )
-    prepared, optimizer, loader, scheduler = accelerator.prepare(
-        model, optimizer, loader, scheduler
-    )
+    prepared = accelerator.prepare(model, optimizer, loader, scheduler)
     if on_prepared is not None:
-        on_prepared(prepared)
-    if resume:
-        state = checkpointer.load_latest()
-        accelerator.print(f"resumed at step {state.global_step} (stage {stage or 'main'})")
-    else:
-        state = TrainState(stage=stage_index, global_step=state.global_step)
+        on_prepared(prepared[0])
+    return Stage(index, name, *prepared)
 
-    label = f"training {stage or ''}".strip()
+
+def run_stage(run: Run, stage: Stage, progress: Progress, resume: bool) -> None:
+    """`trainer.max_steps` optimizer steps of one stage, from the checkpoint when resuming."""
+    t, accelerator = run.cfg.trainer, run.accelerator
+    if resume:
+        progress.state = run.checkpointer.load_latest()
+        log.info(f"resumed at step {progress.state.global_step} (stage {stage.name or 'main'})")
+    else:
+        progress.state = TrainState(stage=stage.index, global_step=progress.state.global_step)
+    state, window, micro = progress.state, LossWindow(), []
     bar = tqdm(
         total=t.max_steps,
         initial=state.step,
-        desc=label,
+        desc=f"training {stage.name or ''}".strip(),
         disable=not accelerator.is_local_main_process,
     )
-    tokens, window, window_aux, logged, micro = 0, [], {}, [], []
-    prepared.train()
+    stage.model.train()
     while state.step < t.max_steps:
-        for batch in epoch_batches(accelerator, loader, state):
+        for batch in epoch_batches(accelerator, stage.loader, state):
             state.batches_in_epoch += 1
             micro.append(batch)
             if len(micro) < t.grad_accum:
                 continue
-            loss, aux, step_tokens = _optimizer_step(prepared, micro, accelerator, t.max_grad_norm)
-            optimizer.step()
+            loss, aux, tokens = _optimizer_step(stage.model, micro, accelerator, t.max_grad_norm)
+            stage.optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step taken
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                stage.scheduler.step()
+            stage.optimizer.zero_grad(set_to_none=True)
             micro = []
-            tokens += step_tokens
-            window.append(loss)
-            for name, value in aux.items():
-                window_aux.setdefault(name, []).append(value)
+            progress.tokens += tokens
+            window.add(loss, aux)
             state.step += 1
             state.global_step += 1
             bar.update(1)
-            if state.step % t.log_every == 0 or state.step == t.max_steps:
-                logs = {"train/loss": sum(window) / len(window)}
-                logs["train/lr"] = scheduler.get_last_lr()[0]
-                logs |= {f"train/{k}": sum(v) / len(v) for k, v in window_aux.items()}
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                logged.append(logs["train/loss"])
-                accelerator.log(logs, step=state.global_step)
-                window, window_aux = [], {}
-            if t.eval_every and state.step % t.eval_every == 0:
-                loss = eval_loss(prepared, data.eval, cfg, accelerator)
-                accelerator.log({"eval/loss": loss}, step=state.global_step)
-                prepared.train()
-            if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
-                checkpointer.save(state)
+            _after_step(run, stage, progress, window, bar)
             if state.step >= t.max_steps:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
     bar.close()
-    return state, tokens, logged
+
+
+class LossWindow:
+    """The training losses since the last log line, averaged when logged."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.aux: dict[str, list[float]] = {}
+
+    def add(self, loss: float, aux: dict[str, float]) -> None:
+        self.losses.append(loss)
+        for name, value in aux.items():
+            self.aux.setdefault(name, []).append(value)
+
+    def flush(self) -> dict[str, float]:
+        logs = {"train/loss": sum(self.losses) / len(self.losses)}
+        logs |= {f"train/{name}": sum(v) / len(v) for name, v in self.aux.items()}
+        self.losses, self.aux = [], {}
+        return logs
+
+
+def _after_step(run: Run, stage: Stage, progress: Progress, window: LossWindow, bar) -> None:
+    """Log every `log_every` steps, measure the eval loss every `eval_every`, checkpoint every
+    `save_every` and at the stage's end."""
+    t, accelerator, state = run.cfg.trainer, run.accelerator, progress.state
+    last = state.step == t.max_steps
+    if state.step % t.log_every == 0 or last:
+        logs = window.flush() | {"train/lr": stage.scheduler.get_last_lr()[0]}
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+        progress.losses.append(logs["train/loss"])
+        accelerator.log(logs, step=state.global_step)
+    if t.eval_every and state.step % t.eval_every == 0:
+        loss = eval_loss(stage.model, run.data.eval, run.cfg, accelerator)
+        accelerator.log({"eval/loss": loss}, step=state.global_step)
+        stage.model.train()
+    if (t.save_every and state.step % t.save_every == 0) or last:
+        run.checkpointer.save(state)
+
+
+def save(run: Run) -> None:
+    """The trained adapter, with the task registry and the base it belongs to."""
+    metadata = {"tasks": run.data.registry.to_dict(), "base_model": run.cfg.model.name_or_path}
+    save_whole_adapter(run.accelerator, run.model, run.run_dir / "adapter", metadata)
+
+
+def score_after(run: Run) -> dict[str, dict]:
+    """Report columns: the base's scores (from scores_before.json) and the trained model's."""
+    columns = report_columns("before", _read_json(run.before_file) or {})
+    if run.cfg.eval.enabled:
+        columns |= report_columns("after", _score(run, run.model, "after"))
+    return columns
+
+
+def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
+    """Write metrics.json (and report.md when scored), show the report, end the trackers."""
+    cfg, accelerator, losses = run.cfg, run.accelerator, progress.losses
+    seconds = progress.seconds
+    info = {
+        "method": cfg.method.name,
+        "model": cfg.model.name_or_path,
+        "trainable_parameters": run.adapter_parameters,
+        "steps": progress.state.global_step,
+        "train_seconds": round(seconds, 1),
+        "train_tokens_per_second": round(progress.tokens / max(seconds, 1e-9)),
+        "train_loss_first": round(losses[0], 4) if losses else None,
+        "train_loss_last": round(losses[-1], 4) if losses else None,
+        **peak_memory(accelerator),
+        "final_eval_loss": round(eval_loss(run.model, run.data.eval, cfg, accelerator), 4),
+    }
+    if accelerator.is_main_process and cfg.eval.enabled:
+        title = f"moelora run: {cfg.method.name} on {cfg.data.name}"
+        write_report(run.run_dir, title, columns, info)
+        log.info((run.run_dir / "report.md").read_text())
+    elif accelerator.is_main_process:
+        (run.run_dir / "metrics.json").write_text(json.dumps({"info": info}, indent=2))
+    log.info(f"run directory: {run.run_dir}")
+    accelerator.wait_for_everyone()  # then end_training destroys the process group cleanly
+    accelerator.end_training()
+    return {"info": info, **columns}
+
+
+def peak_memory(accelerator: Accelerator) -> dict[str, float]:
+    """Peak memory of rank 0 during training, in GiB: the GPU's allocator and the host RSS."""
+    peaks = {"peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if accelerator.device.type == "cuda":
+        peaks["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    return {key: round(value, 2) for key, value in peaks.items()}
+
+
+def _init_adapter(model: AdaptedModel, run_dir: str) -> None:
+    """Start from an earlier run's adapter; what does not fit (added domain experts, a resized
+    router or task embedding) keeps its init. Says what was loaded and what was not."""
+    loaded, kept = load_adapter_weights(model, Path(run_dir) / "adapter", strict=False)
+    local = {
+        f"base_model.{path}.{name}": name
+        for path, layer in model.adapted_layers.items()
+        for name, _ in layer.named_parameters()
+    }
+    tally = Counter(local.get(name, name) for name in kept)
+    log.info(
+        f"initialised from {run_dir}: {len(loaded)} adapter tensors loaded, {len(kept)} new or "
+        f"resized ones keep their init" + "".join(f"\n  {n} x{c}" for n, c in tally.items())
+    )
 
 
 def epoch_batches(accelerator: Accelerator, loader, state: TrainState):
@@ -436,18 +523,18 @@ def _optimizer_step(
     return summed[0] / max(total, 1), aux, int(summed[1])
 
 
-def _describe_data(say, data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):
+def _describe_data(data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):
     """Print the realised mixture, the length policy's effect and the effective batch size."""
-    say(f"tasks: {len(data.registry.tasks)}, domains: {data.registry.domains}")
-    say(f"mixture ({cfg.data.mixture.strategy}), rows per epoch: {len(sampler)}")
+    log.info(f"tasks: {len(data.registry.tasks)}, domains: {data.registry.domains}")
+    log.info(f"mixture ({cfg.data.mixture.strategy}), rows per epoch: {len(sampler)}")
     for task, count in sorted(sampler.counts.items()):
-        say(f"  {task:<18}{count:>7}  ({count / len(sampler):.1%})")
+        log.info(f"  {task:<18}{count:>7}  ({count / len(sampler):.1%})")
     for split, report in data.reports.items():
-        say(f"{split} set lengths (tokens):")
+        log.info(f"{split} set lengths (tokens):")
         for line in report.lines():
-            say("  " + line)
+            log.info("  " + line)
     t = cfg.trainer
-    say(
+    log.info(
         f"effective batch: {t.batch_size} per device x {world} processes x {t.grad_accum} "
         f"accumulation = {t.batch_size * world * t.grad_accum} rows per step"
     )

@@ -8,7 +8,13 @@ from collections import Counter
 import pytest
 
 from moelora.config import MixtureConfig
-from moelora.data.mixture import MixtureSampler, balanced_over_domains, task_probabilities
+from moelora.data.mixture import (
+    MixtureSampler,
+    balanced_over_domains,
+    stage_sampler,
+    task_probabilities,
+)
+from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 
 SIZES = {"big": 800, "mid": 150, "small": 50}
@@ -77,6 +83,24 @@ def test_router_stage_balances_domains() -> None:
     total = sum(counts.values())
     assert counts["small"] / total == pytest.approx(0.5, abs=1e-3)
     assert counts["big"] / total == pytest.approx(0.25, abs=1e-3)
+
+
+def test_a_stage_draws_the_rows_its_method_names() -> None:
+    domains = {"big": "extraction", "mid": "extraction", "small": "generation"}
+    registry = TaskRegistry.build(dict.fromkeys(SIZES, "x"), domains)
+    mix = MixtureConfig()
+
+    def drawn(rows: str, added: list[str] | None = None) -> Counter:
+        sampler = stage_sampler(rows, ROWS, registry, mix, 0, added or [])
+        return Counter(ROWS[i] for i in sampler)
+
+    assert drawn("mixture") == realised(mix)
+    only_generation = drawn("added_domains", ["generation"])
+    assert set(only_generation) == {"small"} and only_generation["small"] == 50
+    balanced = drawn("balanced_domains")
+    assert balanced["small"] == balanced["big"] + balanced["mid"]
+    with pytest.raises(ValueError, match="stage rows 'shuffled' are unknown"):
+        stage_sampler("shuffled", ROWS, registry, mix, 0)
 
 
 def test_bad_mixture_settings_are_named() -> None:

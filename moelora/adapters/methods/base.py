@@ -77,6 +77,12 @@ class Method:
         """Domains this run adds to an earlier run's adapter (only their experts train)."""
         return []
 
+    def stage_rows(self, stage: str | None) -> str:
+        """Which training rows a stage draws, one of `moelora.data.mixture.STAGE_ROWS`:
+        "mixture" (data.mixture as configured), "added_domains" (that mixture over the added
+        domains' tasks only), "balanced_domains" (every domain equally often)."""
+        return "mixture"
+
     def aux_weights(self) -> dict[str, float]:
         """Aux loss name -> its weight in the loss."""
         return {loss: getattr(self.config, key) for loss, key in self.aux_losses.items()}

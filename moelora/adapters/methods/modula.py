@@ -76,6 +76,13 @@ class MoDULA(Method):
     def added_domains(self) -> list[str]:
         return list(self.config.add_domains)
 
+    def stage_rows(self, stage: str | None) -> str:
+        """The domain stage of an added domain sees only its rows; the router sees every domain
+        equally often, so it is not trained mostly on the largest one."""
+        if stage == "domain" and self.config.add_domains:
+            return "added_domains"
+        return "balanced_domains" if stage == "router" else "mixture"
+
     def enter_stage(self, layer: nn.Module, stage: str | None, domains: set[int]) -> list:
         """universal: the universal expert trains; domain: the chosen domain experts, each row
         gated to its own; router: only the router; None: everything, routed."""
