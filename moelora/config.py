@@ -11,7 +11,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.methods import METHOD_REGISTRY
-from moelora.errors import UserError
+from moelora.errors import UserError, check_range
 from moelora.paths import DATA_DIR
 
 STRATEGIES = ("single", "ddp", "deepspeed")
@@ -20,6 +20,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 TEMPLATES = ("auto", "chat", "plain")
 LENGTH_POLICIES = ("truncate_input", "drop", "error")
 SCORER_CHOICES = ("official", "lenient", "both")
+MIXTURE_STRATEGIES = ("proportional", "uniform", "temperature", "weights")
 
 
 def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -47,6 +48,21 @@ class TinyModelConfig:
     pretrain_batch_size: int = 32
     pretrain_files: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_choice("model.tiny.architecture", self.architecture, ("llama", "qwen2"))
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            check_range(f"model.tiny.{key}", getattr(self, key), 1)
+        check_range("model.tiny.max_position_embeddings", self.max_position_embeddings, 1)
+        check_range("model.tiny.pretrain_steps", self.pretrain_steps, 0)
+        check_range("model.tiny.pretrain_lr", self.pretrain_lr, 0, above=True)
+        check_range("model.tiny.pretrain_batch_size", self.pretrain_batch_size, 1)
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise UserError(
+                f"model.tiny.hidden_size={self.hidden_size}, num_heads={self.num_heads} and "
+                f"num_kv_heads={self.num_kv_heads} do not divide evenly; pick hidden_size a "
+                f"multiple of num_heads and num_heads a multiple of num_kv_heads."
+            )
+
 
 @dataclass
 class ModelConfig:
@@ -70,6 +86,16 @@ class MixtureConfig:
     max_per_task: int | None = None
     min_per_task: int | None = None
     epoch_size: int | None = None  # rows drawn per epoch; default: the sum of the task sizes
+
+    def __post_init__(self) -> None:
+        key = "data.mixture"
+        check_choice(f"{key}.strategy", self.strategy, MIXTURE_STRATEGIES)
+        check_range(f"{key}.temperature", self.temperature, 0, above=True)
+        for task, weight in self.weights.items():
+            check_range(f"{key}.weights.{task}", weight, 0)
+        check_range(f"{key}.max_per_task", self.max_per_task, 1, optional=True)
+        check_range(f"{key}.min_per_task", self.min_per_task, 0, optional=True)
+        check_range(f"{key}.epoch_size", self.epoch_size, 1, optional=True)
 
 
 @dataclass
@@ -99,6 +125,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.template", self.template, TEMPLATES)
         check_choice("data.length_policy", self.length_policy, LENGTH_POLICIES)
+        check_range("data.max_source_length", self.max_source_length, 1)
+        check_range("data.max_target_length", self.max_target_length, 1)
+        check_range(
+            "data.max_eval_samples_per_task", self.max_eval_samples_per_task, 1, optional=True
+        )
 
 
 @dataclass
@@ -134,8 +165,9 @@ class HardwareConfig:
                 "a 4-bit base (hardware.quantization=nf4) cannot be partitioned by DeepSpeed; use "
                 "hardware=qlora_4bit with hardware.strategy=single or ddp."
             )
-        if self.num_processes < 1 or self.num_machines < 1:
-            raise UserError("hardware.num_processes and hardware.num_machines must be at least 1.")
+        check_range("hardware.num_processes", self.num_processes, 1)
+        check_range("hardware.num_machines", self.num_machines, 1)
+        check_range("hardware.main_process_port", self.main_process_port, 1, 65535)
 
 
 @dataclass
@@ -153,8 +185,12 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0  # eval loss every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue from the newest checkpoint in run_dir
+    keep_checkpoints: int = 2  # the newest N checkpoints stay; 0 keeps every one
+    # true: continue from the newest checkpoint in run_dir; auto: continue when there is one,
+    # else start (one job script for first start and restart alike).
+    resume: Any = False
+    # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    max_bad_steps: int = 5
     # An earlier run directory whose adapter initialises this one (tensors that do not fit, e.g.
     # added domain experts or a resized router, keep their init); needed by method.add_domains.
     init_adapter_from: str | None = None
@@ -162,6 +198,17 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_choice("trainer.scheduler", self.scheduler, SCHEDULERS)
+        if self.resume not in (True, False, "auto"):
+            raise UserError(f"trainer.resume={self.resume} is unknown; use true, false or auto.")
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+            check_range(f"trainer.{key}", getattr(self, key), 1)
+        check_range("trainer.lr", self.lr, 0, above=True)
+        check_range("trainer.weight_decay", self.weight_decay, 0)
+        check_range("trainer.warmup_ratio", self.warmup_ratio, 0, 1, below=True)
+        check_range("trainer.max_grad_norm", self.max_grad_norm, 0)
+        check_range("trainer.eval_every", self.eval_every, 0)
+        check_range("trainer.save_every", self.save_every, 0)
+        check_range("trainer.keep_checkpoints", self.keep_checkpoints, 0)
 
 
 @dataclass
@@ -181,6 +228,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choice("eval.scorer", self.scorer, SCORER_CHOICES)
+        check_range("eval.batch_size", self.batch_size, 1)
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1, optional=True)
 
 
 @dataclass

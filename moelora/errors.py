@@ -4,3 +4,33 @@
 class UserError(ValueError):
     """Raised with one sentence that names the field or file and says what to do; the CLI prints
     it without a traceback and exits with status 2."""
+
+
+def check_range(
+    key: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    above: bool = False,
+    below: bool = False,
+    optional: bool = False,
+) -> None:
+    """Stop on a number outside [low, high] (`above`: low excluded, `below`: high excluded);
+    None passes when `optional`. The message names the key and the range to pick from."""
+    if value is None and optional:
+        return
+    bad = value is None or isinstance(value, bool)
+    if not bad and low is not None:
+        bad = value <= low if above else value < low
+    if not bad and high is not None:
+        bad = value >= high if below else value > high
+    if not bad:
+        return
+    parts = []
+    if low is not None:
+        parts.append(f"{'greater than' if above else 'at least'} {low}")
+    if high is not None:
+        parts.append(f"{'below' if below else 'at most'} {high}")
+    rule = " and ".join(parts) + (" (or null)" if optional else "")
+    raise UserError(f"{key}={value} is out of range; set it {rule}.")

@@ -13,23 +13,16 @@ from moelora.config import MixtureConfig
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 
-STRATEGIES = ("proportional", "uniform", "temperature", "weights")
-
 
 def task_probabilities(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, float]:
-    """p_t per task: proportional to the (capped/raised) size n_t, uniform, n_t^(1/T), or w_t."""
-    if cfg.strategy not in STRATEGIES:
-        raise UserError(
-            f"data.mixture.strategy='{cfg.strategy}' is unknown; use one of {STRATEGIES}."
-        )
+    """p_t per task: proportional to the (capped/raised) size n_t, uniform, n_t^(1/T), or w_t.
+    The strategy and temperature were checked by `MixtureConfig`."""
     n = {t: float(_effective_size(s, cfg)) for t, s in sizes.items()}
     if cfg.strategy == "proportional":
         raw = n
     elif cfg.strategy == "uniform":
         raw = dict.fromkeys(n, 1.0)
     elif cfg.strategy == "temperature":
-        if cfg.temperature <= 0:
-            raise UserError("data.mixture.temperature must be > 0 (1 = proportional).")
         raw = {t: v ** (1.0 / cfg.temperature) for t, v in n.items()}
     else:
         missing = sorted(set(n) - set(cfg.weights))

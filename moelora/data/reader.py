@@ -4,6 +4,7 @@ and line, before any model is loaded."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -64,10 +65,15 @@ def read_rows(path: Path, needs_target: bool = True) -> Dataset:
         return normalise(datasets.load_from_disk(str(path)), str(path), needs_target)
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; it must hold one JSON object per line.")
+    # datasets logs a parser failure with its traceback before raising; our line says it all.
+    json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    was_disabled, json_logger.disabled = json_logger.disabled, True
     try:
         rows = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors in several types
         raise UserError(_first_bad_json_line(path) + "; fix or remove that line.") from err
+    finally:
+        json_logger.disabled = was_disabled
     return normalise(rows, str(path), needs_target)
 
 
@@ -87,6 +93,12 @@ def normalise(rows: Dataset, where: str, needs_target: bool = True) -> Dataset:
         if missing:
             raise UserError(
                 f"{where}:{missing[0] + 1} has no '{column}' field; every row needs {REQUIRED}."
+            )
+        not_text = [i for i, v in enumerate(rows[column]) if not isinstance(v, str)]
+        if not_text:
+            raise UserError(
+                f"{where}:{not_text[0] + 1} has a '{column}' that is not text; write it as a "
+                f"JSON string."
             )
     if "answer_choices" not in rows.column_names:
         rows = rows.add_column("answer_choices", [None] * len(rows))

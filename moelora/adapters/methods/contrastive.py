@@ -22,6 +22,8 @@ class ContrastiveConfig(MoloraConfig):
         super().__post_init__()
         if self.contrastive_tau <= 0 or self.contrastive_tokens < 2:
             fail("contrastive needs contrastive_tau > 0 and contrastive_tokens >= 2.")
+        if self.contrastive_coef < 0:
+            fail(f"contrastive_coef={self.contrastive_coef} must be at least 0 (0 = off).")
 
 
 @register_method

@@ -36,6 +36,8 @@ class ModulaConfig(AdapterConfig):
         super().__post_init__()
         if self.universal_rank < 1 or self.domain_rank < 1:
             fail("modula needs universal_rank >= 1 and domain_rank >= 1.")
+        if self.aux_loss_coef < 0:
+            fail(f"aux_loss_coef={self.aux_loss_coef} must be at least 0 (0 = off).")
         if self.router_top_k is not None and self.router_top_k < 1:
             fail(f"router_top_k={self.router_top_k} must be null or at least 1.")
         bad = [s for s in self.stages if s not in STAGES]

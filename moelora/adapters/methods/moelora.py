@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moelora.adapters.config import ExpertConfig, check_choice, setting
+from moelora.adapters.config import ExpertConfig, check_choice, fail, setting
 from moelora.adapters.gates import SharedTaskWeights, TaskGate
 from moelora.adapters.methods.base import LayerParts, Method, register_method
 
@@ -21,6 +21,8 @@ class MoeloraConfig(ExpertConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self, "gate_scope", ("shared", "layer"))
+        if self.task_embedding_dim < 1:
+            fail(f"task_embedding_dim={self.task_embedding_dim} must be at least 1.")
 
 
 @register_method

@@ -20,6 +20,8 @@ class MoloraConfig(ExpertConfig):
         super().__post_init__()
         if not 1 <= self.top_k <= self.num_experts:
             fail(f"top_k={self.top_k} must lie in [1, num_experts={self.num_experts}].")
+        if self.aux_loss_coef < 0:
+            fail(f"aux_loss_coef={self.aux_loss_coef} must be at least 0 (0 = off).")
 
 
 @register_method
