@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from moelora.config import register_configs
-from moelora.errors import UserError
+from moelora.errors import RunStopped, UserError
 from moelora.paths import CONFIG_DIR
 
 USAGE = """usage: moelora <command> [overrides...]
@@ -79,6 +79,9 @@ def _hydra_app(command: str) -> Callable[[], None]:
         except UserError as err:
             print(f"moelora {command}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except RunStopped as stop:
+            print(f"moelora {command}: stopped: {stop}", file=sys.stderr)
+            raise SystemExit(stop.exit_code) from None
 
     return app
 

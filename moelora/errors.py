@@ -1,9 +1,19 @@
-"""The one exception type for mistakes a user can fix (bad config, missing file, bad data row)."""
+"""The exceptions the CLI turns into one line: mistakes a user can fix (bad config, missing file,
+bad data row), and runs that stopped on purpose (a signal, a diverging loss)."""
 
 
 class UserError(ValueError):
     """Raised with one sentence that names the field or file and says what to do; the CLI prints
     it without a traceback and exits with status 2."""
+
+
+class RunStopped(Exception):
+    """A run stopped before its end, on purpose and with its checkpoints in order; the CLI
+    prints the message in one line and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def check_range(

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+from types import FrameType
 
 from hydra.core.hydra_config import HydraConfig
 
@@ -20,6 +22,7 @@ from moelora.config import HardwareConfig
 from moelora.errors import UserError
 from moelora.hardware import on_cpu, world_size
 from moelora.log import get_logger
+from moelora.train.signals import SIGNALS, interrupted
 
 log = get_logger(__name__)
 
@@ -117,11 +120,36 @@ def launch(hardware: HardwareConfig, command: str, overrides: list[str], pinned:
         return
     env, argv = launch_command(hardware, command, overrides, pinned)
     log.info(f"launching {hardware.num_processes} processes: {shell_line(env, argv)}")
-    done = subprocess.run(argv, env={**os.environ, **env}, check=False)
-    if done.returncode != 0:
-        raise UserError(
-            f"the launched run failed (exit {done.returncode}); its processes printed why above."
+    code, signum = _wait_forwarding_signals(argv, {**os.environ, **env})
+    if signum is not None:
+        raise interrupted(
+            signum,
+            f"the launched processes stopped on {signal.Signals(signum).name} and wrote a "
+            f"checkpoint (see above); resume with the same command and trainer.resume=true.",
         )
+    if code != 0:
+        raise UserError(f"the launched run failed (exit {code}); its processes printed why above.")
+
+
+def _wait_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run the launcher and pass a stop signal on to it as SIGTERM, which torchrun, accelerate
+    and deepspeed forward to every process (SIGUSR1 would end the launcher itself). Ctrl-C is
+    not passed on: the terminal sends it to the whole process group already."""
+    child = subprocess.Popen(argv, env=env)
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if signum != signal.SIGINT:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code, received[0] if received else None
 
 
 def launch_this_command(hardware: HardwareConfig, command: str, pinned: str) -> None:

@@ -12,22 +12,20 @@ import logging
 import os
 import sys
 
+from tqdm.auto import tqdm
+
 ROOT = "moelora"
 
 
-class _Console(logging.StreamHandler):
-    """Writes to the current `sys.stdout` (tests and tqdm may swap it after import)."""
+class _Console(logging.Handler):
+    """Writes to the current `sys.stdout` (tests may swap it after import), through tqdm so that
+    a line printed during training does not land inside a progress bar."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    @property
-    def stream(self):  # noqa: D102
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # a logging failure must not end a run
+            self.handleError(record)
 
 
 class _Plain(logging.Formatter):

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import resource
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,11 +30,11 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
 from moelora.config import TrainConfig, to_container
-from moelora.data.formatting import answer_tokens, loss_loader
+from moelora.data.formatting import loss_loader
 from moelora.data.mixture import STAGE_ROWS, MixtureSampler, stage_sampler
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
-from moelora.errors import UserError
+from moelora.errors import RunStopped, UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import (
     eval_loss,
@@ -55,9 +56,19 @@ from moelora.launch import launch_this_command, needs_launch
 from moelora.log import get_logger
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
-from moelora.train.checkpoint import Checkpointer, TrainState, save_whole_adapter
+from moelora.train.checkpoint import (
+    Checkpointer,
+    TrainState,
+    complete_checkpoints,
+    save_whole_adapter,
+)
+from moelora.train.history import History
+from moelora.train.signals import StopRequest, interrupted
+from moelora.train.step import StepResult, add_to_window, flush_window, forward_backward
 
 log = get_logger(__name__)
+
+DIVERGED_EXIT_CODE = 3  # stopped after trainer.max_bad_steps non-finite steps in a row
 
 
 def load_train_config(raw: DictConfig) -> TrainConfig:
@@ -66,9 +77,17 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
         cfg = OmegaConf.to_object(raw)
     except ValueError as err:
         raise UserError(str(err)) from None
-    if cfg.trainer.resume and not (Path(cfg.run_dir) / "checkpoints").is_dir():
+    found = complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if cfg.trainer.resume == "auto":  # one job script for the first start and every restart
+        cfg.trainer.resume = bool(found)
+        log.info(
+            f"trainer.resume=auto: {'resuming from ' + str(found[-1]) if found else 'starting'}"
+        )
+    elif cfg.trainer.resume and not found:
         raise UserError(
-            f"trainer.resume=true, but {cfg.run_dir} has no checkpoints/; pass run_dir=<a run>."
+            f"trainer.resume=true, but {cfg.run_dir} has no complete checkpoint; pass "
+            f"run_dir=<a run with checkpoints/step-*>, or trainer.resume=auto to start when "
+            f"there is none."
         )
     method = method_of(cfg.method)
     added = method.added_domains()
@@ -104,6 +123,7 @@ class Run:
     checkpointer: Checkpointer | None = None
     adapter_parameters: int = 0  # trainable when built (stages freeze some later)
     resume_from: TrainState | None = None  # the newest checkpoint's position, when resuming
+    history: History | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -121,13 +141,16 @@ class Progress:
 
     state: TrainState = field(default_factory=TrainState)
     tokens: int = 0
-    losses: list[float] = field(default_factory=list)  # the logged (windowed) training losses
     seconds: float = 0.0
 
 
 def train(raw_cfg: DictConfig) -> dict:
     """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
     cfg = load_train_config(raw_cfg)
+    finished = _read_json(Path(cfg.run_dir) / "metrics.json")
+    if raw_cfg.trainer.resume == "auto" and finished is not None:
+        log.info(f"trainer.resume=auto: {cfg.run_dir} has finished already (metrics.json)")
+        return finished
     if needs_launch(cfg.hardware):
         launch_this_command(cfg.hardware, "train", f"run_dir={cfg.run_dir}")
         return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
@@ -217,6 +240,10 @@ def open_run_dir(run: Run) -> None:
         accelerator, run.model, run.run_dir / "checkpoints", cfg.trainer.keep_checkpoints
     )
     run.resume_from = run.checkpointer.latest_state() if cfg.trainer.resume else None
+    run.history = History(run.run_dir, accelerator.is_main_process)
+    if run.resume_from is not None:  # steps after the checkpoint are trained (and logged) again
+        run.history.keep_until(run.resume_from.global_step)
+    run.checkpointer.check_space(run.adapter_parameters, _checkpoints_on_disk(cfg, run.method))
 
 
 def _score(run: Run, model: torch.nn.Module, label: str) -> dict[str, dict]:
@@ -254,33 +281,36 @@ def score_before(run: Run) -> Callable[[torch.nn.Module], None] | None:
 
 def train_stages(run: Run, on_prepared: Callable[[torch.nn.Module], None] | None) -> Progress:
     """Train the method's stages in order (resuming inside the checkpoint's stage), then set the
-    adapter to the stage it is scored and saved in."""
-    cfg, method, registry = run.cfg, run.method, run.data.registry
-    added = [registry.domains.index(d) for d in method.added_domains()]
+    adapter to the stage it is scored and saved in. A stop signal ends training after the
+    current step with a checkpoint (see `moelora.train.signals`)."""
+    cfg, method = run.cfg, run.method
     progress, started = Progress(), time.perf_counter()
-    for index, name in enumerate(method.stages()):
-        if run.resume_from is not None and index < run.resume_from.stage:
-            continue
-        run.model.set_stage(name, domains=added or None)  # the domain stage: only added experts
-        rows = method.stage_rows(name)
-        sampler = run.sampler
-        if rows != "mixture":
-            sampler = stage_sampler(
-                rows,
-                run.data.train["task_dataset"],
-                registry,
-                cfg.data.mixture,
-                cfg.trainer.seed,
-                method.added_domains(),
-            )
-            log.info(f"{name} stage: {STAGE_ROWS[rows]}, per task {sampler.counts}")
-        stage = start_stage(run, index, name, sampler, on_prepared)
-        on_prepared = None  # the first stage scores the base, once
-        resume = run.resume_from is not None and index == run.resume_from.stage
-        run_stage(run, stage, progress, resume)
+    with StopRequest() as stop:
+        for index, name in enumerate(method.stages()):
+            if run.resume_from is not None and index < run.resume_from.stage:
+                continue
+            stage = start_stage(run, index, name, _stage_rows(run, name), on_prepared)
+            on_prepared = None  # the first stage scores the base, once
+            resume = run.resume_from is not None and index == run.resume_from.stage
+            run_stage(run, stage, progress, resume, stop)
     progress.seconds = time.perf_counter() - started
     run.model.set_stage(inference_stage(cfg.method.name, cfg.eval.force_domain))
     return progress
+
+
+def _stage_rows(run: Run, name: str | None) -> MixtureSampler:
+    """Set the model to stage `name` and return the rows the stage draws."""
+    method, registry = run.method, run.data.registry
+    added = [registry.domains.index(d) for d in method.added_domains()]
+    run.model.set_stage(name, domains=added or None)  # the domain stage: only added experts
+    rows = method.stage_rows(name)
+    if rows == "mixture":
+        return run.sampler
+    task_of_row, cfg = run.data.train["task_dataset"], run.cfg
+    seed, added_names = cfg.trainer.seed, method.added_domains()
+    sampler = stage_sampler(rows, task_of_row, registry, cfg.data.mixture, seed, added_names)
+    log.info(f"{name} stage: {STAGE_ROWS[rows]}, per task {sampler.counts}")
+    return sampler
 
 
 @dataclass
@@ -330,83 +360,122 @@ def start_stage(
     return Stage(index, name, *prepared)
 
 
-def run_stage(run: Run, stage: Stage, progress: Progress, resume: bool) -> None:
+def run_stage(run: Run, stage: Stage, progress: Progress, resume: bool, stop: StopRequest) -> None:
     """`trainer.max_steps` optimizer steps of one stage, from the checkpoint when resuming."""
     t, accelerator = run.cfg.trainer, run.accelerator
     if resume:
         progress.state = run.checkpointer.load_latest()
         log.info(f"resumed at step {progress.state.global_step} (stage {stage.name or 'main'})")
     else:
-        progress.state = TrainState(stage=stage.index, global_step=progress.state.global_step)
-    state, window, micro = progress.state, LossWindow(), []
+        before = progress.state
+        progress.state = TrainState(
+            stage=stage.index, global_step=before.global_step, skipped_steps=before.skipped_steps
+        )
     bar = tqdm(
         total=t.max_steps,
-        initial=state.step,
+        initial=progress.state.step,
         desc=f"training {stage.name or ''}".strip(),
         disable=not accelerator.is_local_main_process,
     )
     stage.model.train()
+    with bar:  # closed before a stop's message
+        _steps(run, stage, progress, stop, bar)
+
+
+def _steps(run: Run, stage: Stage, progress: Progress, stop: StopRequest, bar) -> None:
+    """The optimizer steps left in the stage: `grad_accum` micro-batches each."""
+    t, accelerator, state, micro = run.cfg.trainer, run.accelerator, progress.state, []
     while state.step < t.max_steps:
         for batch in epoch_batches(accelerator, stage.loader, state):
             state.batches_in_epoch += 1
             micro.append(batch)
             if len(micro) < t.grad_accum:
                 continue
-            loss, aux, tokens = _optimizer_step(stage.model, micro, accelerator, t.max_grad_norm)
-            stage.optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step taken
-                stage.scheduler.step()
-            stage.optimizer.zero_grad(set_to_none=True)
+            model, max_norm = stage.model, t.max_grad_norm
+            result = forward_backward(model, micro, accelerator, max_norm, stop.signum is not None)
             micro = []
-            progress.tokens += tokens
-            window.add(loss, aux)
+            _apply(run, stage, state, result)
+            progress.tokens += result.tokens
             state.step += 1
             state.global_step += 1
             bar.update(1)
-            _after_step(run, stage, progress, window, bar)
+            saved = _after_step(run, stage, state, bar)
+            if result.stop:
+                _stop_on_signal(run, state, stop.signum, saved)
             if state.step >= t.max_steps:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
-    bar.close()
 
 
-class LossWindow:
-    """The training losses since the last log line, averaged when logged."""
+def _apply(run: Run, stage: Stage, state: TrainState, result: StepResult) -> None:
+    """Step the optimizer and the schedule with a finite step; skip (and count) one with a
+    non-finite loss or gradient; stop after `trainer.max_bad_steps` of those in a row, leaving
+    the last good checkpoint as it is."""
+    if result.finite:
+        stage.optimizer.step()
+        if not run.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step taken
+            stage.scheduler.step()
+        state.bad_in_a_row = 0
+        add_to_window(state, result)
+    else:
+        state.skipped_steps += 1
+        state.bad_in_a_row += 1
+        log.warning(f"step {state.global_step + 1} skipped: non-finite ({result.parts()})")
+    stage.optimizer.zero_grad(set_to_none=True)
+    if state.bad_in_a_row >= run.cfg.trainer.max_bad_steps:
+        found = run.checkpointer.checkpoints()
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        raise RunStopped(
+            f"training stopped at step {state.global_step + 1}: {state.bad_in_a_row} steps in a "
+            f"row had a non-finite loss or gradient ({result.parts()}); {last}; lower "
+            f"trainer.lr or check the data, then resume with trainer.resume=true.",
+            DIVERGED_EXIT_CODE,
+        )
 
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.aux: dict[str, list[float]] = {}
 
-    def add(self, loss: float, aux: dict[str, float]) -> None:
-        self.losses.append(loss)
-        for name, value in aux.items():
-            self.aux.setdefault(name, []).append(value)
-
-    def flush(self) -> dict[str, float]:
-        logs = {"train/loss": sum(self.losses) / len(self.losses)}
-        logs |= {f"train/{name}": sum(v) / len(v) for name, v in self.aux.items()}
-        self.losses, self.aux = [], {}
-        return logs
+def _stop_on_signal(run: Run, state: TrainState, signum: int | None, saved: Path | None) -> None:
+    """Every process got the request in the same step: checkpoint (unless this step just did)
+    and stop. A process that did not receive the signal itself reports SIGTERM."""
+    path = saved or run.checkpointer.save(state)
+    signum = signum or signal.SIGTERM
+    raise interrupted(
+        signum,
+        f"{signal.Signals(signum).name} at step {state.global_step}; checkpoint {path}; resume "
+        f"with the same command and trainer.resume=true (or trainer.resume=auto).",
+    )
 
 
-def _after_step(run: Run, stage: Stage, progress: Progress, window: LossWindow, bar) -> None:
+def _after_step(run: Run, stage: Stage, state: TrainState, bar) -> Path | None:
     """Log every `log_every` steps, measure the eval loss every `eval_every`, checkpoint every
-    `save_every` and at the stage's end."""
-    t, accelerator, state = run.cfg.trainer, run.accelerator, progress.state
+    `save_every` and at the stage's end; returns the checkpoint written, if any."""
+    t, accelerator = run.cfg.trainer, run.accelerator
     last = state.step == t.max_steps
     if state.step % t.log_every == 0 or last:
-        logs = window.flush() | {"train/lr": stage.scheduler.get_last_lr()[0]}
-        bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
-        progress.losses.append(logs["train/loss"])
+        logs = flush_window(state) | {"train/lr": stage.scheduler.get_last_lr()[0]}
+        if state.skipped_steps:
+            logs["train/skipped_steps"] = state.skipped_steps
+        if "train/loss" in logs:
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
         accelerator.log(logs, step=state.global_step)
+        run.history.append(state.global_step, logs)
     if t.eval_every and state.step % t.eval_every == 0:
         loss = eval_loss(stage.model, run.data.eval, run.cfg, accelerator)
         accelerator.log({"eval/loss": loss}, step=state.global_step)
+        run.history.append(state.global_step, {"eval/loss": loss})
         stage.model.train()
     if (t.save_every and state.step % t.save_every == 0) or last:
-        run.checkpointer.save(state)
+        return run.checkpointer.save(state)
+    return None
+
+
+def _checkpoints_on_disk(cfg: TrainConfig, method: Method) -> int:
+    """How many checkpoints can lie on disk at once (one more while the next is written)."""
+    t = cfg.trainer
+    per_stage = t.max_steps // t.save_every + 1 if t.save_every else 1
+    written = per_stage * len(method.stages())
+    return min(written, t.keep_checkpoints) + 1 if t.keep_checkpoints else written + 1
 
 
 def save(run: Run) -> None:
@@ -425,7 +494,9 @@ def score_after(run: Run) -> dict[str, dict]:
 
 def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
     """Write metrics.json (and report.md when scored), show the report, end the trackers."""
-    cfg, accelerator, losses = run.cfg, run.accelerator, progress.losses
+    cfg, accelerator = run.cfg, run.accelerator
+    accelerator.wait_for_everyone()  # the main process has written the history
+    losses = run.history.values("train/loss")
     seconds = progress.seconds
     info = {
         "method": cfg.method.name,
@@ -436,6 +507,7 @@ def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
         "train_tokens_per_second": round(progress.tokens / max(seconds, 1e-9)),
         "train_loss_first": round(losses[0], 4) if losses else None,
         "train_loss_last": round(losses[-1], 4) if losses else None,
+        "skipped_steps": progress.state.skipped_steps,
         **peak_memory(accelerator),
         "final_eval_loss": round(eval_loss(run.model, run.data.eval, cfg, accelerator), 4),
     }
@@ -480,47 +552,6 @@ def epoch_batches(accelerator: Accelerator, loader, state: TrainState):
     it re-sets its sampler's epoch from its own counter whenever it is iterated."""
     loader.set_epoch(state.epoch)
     return accelerator.skip_first_batches(loader, state.batches_in_epoch)
-
-
-def _optimizer_step(
-    model, micro: list[dict], accelerator: Accelerator, max_grad_norm: float
-) -> tuple[float, dict[str, float], int]:
-    """Forward/backward over one step's micro-batches, leaving the gradients ready to apply.
-
-    The LM loss is normalised by the answer tokens of the whole step on all processes, so any
-    split into micro-batches, accumulation steps and processes gives the same gradient as one
-    big batch (a mean of per-micro-batch means would not). Aux losses are averaged over the
-    micro-batches and processes. `accelerator.accumulate` syncs gradients (DDP) or steps the engine
-    (DeepSpeed) on the last micro-batch only; both divide the loss by the accumulation steps,
-    which the scale here undoes, and both average over processes, which `world` undoes.
-    Returns the step's LM loss, its aux losses and the tokens it saw.
-    """
-    counts = [answer_tokens(b) for b in micro]
-    local = torch.tensor(sum(counts), device=accelerator.device)
-    total = int(accelerator.reduce(local, reduction="sum"))
-    world, steps = accelerator.num_processes, len(micro)
-    lm_sum, aux_sums = 0.0, {}
-    for batch, count in zip(micro, counts, strict=True):
-        with accelerator.accumulate(model):
-            out = model(**batch)
-            loss = out.lm_loss * (count * world * steps / max(total, 1))
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            accelerator.backward(loss)
-        lm_sum += float(out.lm_loss.detach()) * count
-        for name, value in out.aux_losses.items():
-            aux_sums[name] = aux_sums.get(name, 0.0) + float(value) / steps
-    if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    # What is logged covers every process's rows, as one big batch would.
-    names = sorted(aux_sums)
-    seen = sum(int(b["attention_mask"].sum()) for b in micro)
-    stats = torch.tensor(
-        [lm_sum, seen, *(aux_sums[n] for n in names)], dtype=torch.float64, device=local.device
-    )
-    summed = accelerator.reduce(stats, reduction="sum").tolist()
-    aux = {name: value / world for name, value in zip(names, summed[2:], strict=True)}
-    return summed[0] / max(total, 1), aux, int(summed[1])
 
 
 def _describe_data(data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):
