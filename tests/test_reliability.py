@@ -216,3 +216,22 @@ def test_a_signal_to_one_ddp_rank_stops_both_and_resume_equals_the_uninterrupted
         _, err = done.communicate(timeout=600)
         assert done.returncode == 0, err.decode()[-3000:]
     assert_identical_runs(interrupted, tmp_path / "reference")
+
+
+def test_a_second_signal_stops_at_once_but_a_forwarded_copy_does_not(monkeypatch) -> None:
+    from moelora.train import signals
+
+    exits: list[int] = []
+    monkeypatch.setattr(signals.os, "_exit", exits.append)
+    clock = [100.0]
+    monkeypatch.setattr(signals.time, "monotonic", lambda: clock[0])
+    with signals.StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop._handle(signal.SIGINT, None)
+        clock[0] += 0.5  # a launcher passing the same Ctrl-C on
+        stop._handle(signal.SIGTERM, None)
+        assert stop.signum == signal.SIGINT and exits == []
+        clock[0] += 5
+        stop._handle(signal.SIGTERM, None)
+        assert exits == [128 + signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) != stop._handle  # the old handlers are back
