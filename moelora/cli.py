@@ -25,11 +25,13 @@ commands:
   eval     score a run, a base model, or a predictions file          (configs/eval.yaml)
   predict  a run's answers for rows without targets, or for one prompt (configs/predict.yaml)
   export   write a PEFT LoRA adapter or a merged model for one task  (configs/export.yaml)
+  compare  summarise finished runs or a sweep: mean ± std over seeds (summary.md/.csv/.png)
 
 examples:
   moelora train +experiment=demo
   moelora train +experiment=demo method=moelora trainer.lr=1e-3
-  moelora train -m +experiment=demo method=lora,moelora
+  moelora train -m +experiment=demo method=lora,moelora trainer.seed=0,1,2
+  moelora compare multirun/2026-11-23/10-00-00
   moelora eval run_dir=outputs/2026-11-23/10-00-00
   moelora predict run_dir=outputs/2026-11-23/10-00-00 data.eval_files=[test.json]
   moelora train --help            (config groups and the composed config)
@@ -52,6 +54,16 @@ def _run_predict(cfg: DictConfig) -> None:
     from moelora.evaluate.predict import predict_command
 
     predict_command(cfg)
+
+
+def _run_compare(argv: list[str]) -> None:
+    from moelora.analysis.compare import compare_command
+
+    try:
+        compare_command(argv)
+    except UserError as err:
+        print(f"moelora compare: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _run_export(cfg: DictConfig) -> None:
@@ -186,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, overrides = argv[0], argv[1:]
+    if command == "compare":  # paths, not overrides: an ordinary command line
+        _run_compare(overrides)
+        return
     if not _has_gpu():  # DeepSpeed would probe for one and warn that it fell back to the CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if command not in COMMANDS:

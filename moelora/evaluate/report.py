@@ -29,9 +29,14 @@ def _header(name: str, scores: dict | None) -> str:
     return f"{name.removesuffix('_' + scores['scorer'])} ({scores['scorer']})"
 
 
-def render_report(title: str, columns: dict[str, dict | None], info: dict[str, Any]) -> str:
+def render_report(
+    title: str,
+    columns: dict[str, dict | None],
+    info: dict[str, Any],
+    figures: dict[str, str] | None = None,
+) -> str:
     """A markdown report: one row per task, one column per scored model (e.g. before/after) and
-    reading (official, lenient)."""
+    reading (official, lenient), then links to the run's figures (caption -> file name)."""
     tasks = sorted({t for s in columns.values() if s for t in s["per_task"]})
     counts = next(s["num_rows"] for s in columns.values() if s)
     head = "| task | rows | " + " | ".join(_header(n, s) for n, s in columns.items()) + " |"
@@ -61,17 +66,24 @@ def render_report(title: str, columns: dict[str, dict | None], info: dict[str, A
         lines.append(
             f"| **overall of {len(summarised)}: {', '.join(summarised)}** | {rows} | {cells} |"
         )
+    for caption, name in (figures or {}).items():
+        lines += ["", f"![{caption}]({name})"]
     return "\n".join(lines) + "\n"
 
 
 def write_report(
-    directory: Path, title: str, columns: dict[str, dict | None], info: dict[str, Any]
+    directory: Path,
+    title: str,
+    columns: dict[str, dict | None],
+    info: dict[str, Any],
+    figures: dict[str, str] | None = None,
 ) -> None:
     metrics = {"info": info, **{name: scores for name, scores in columns.items()}}
     (directory / "metrics.json").write_text(
         json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8"
     )
-    (directory / "report.md").write_text(render_report(title, columns, info), encoding="utf-8")
+    report = render_report(title, columns, info, figures)
+    (directory / "report.md").write_text(report, encoding="utf-8")
 
 
 def write_predictions(path: Path, rows, predictions: list[str]) -> None:

@@ -68,6 +68,7 @@ from moelora.train.step import StepResult, add_to_window, flush_window, forward_
 
 log = get_logger(__name__)
 
+CURVES_FILE = "curves.png"
 DIVERGED_EXIT_CODE = 3  # stopped after trainer.max_bad_steps non-finite steps in a row
 
 
@@ -511,9 +512,10 @@ def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
         **peak_memory(accelerator),
         "final_eval_loss": round(eval_loss(run.model, run.data.eval, cfg, accelerator), 4),
     }
+    title = f"moelora run: {cfg.method.name} on {cfg.data.name}"
+    figures = _draw_figures(run, title) if accelerator.is_main_process else {}
     if accelerator.is_main_process and cfg.eval.enabled:
-        title = f"moelora run: {cfg.method.name} on {cfg.data.name}"
-        write_report(run.run_dir, title, columns, info)
+        write_report(run.run_dir, title, columns, info, figures)
         log.info((run.run_dir / "report.md").read_text())
     elif accelerator.is_main_process:
         (run.run_dir / "metrics.json").write_text(json.dumps({"info": info}, indent=2))
@@ -521,6 +523,16 @@ def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
     accelerator.wait_for_everyone()  # then end_training destroys the process group cleanly
     accelerator.end_training()
     return {"info": info, **columns}
+
+
+def _draw_figures(run: Run, title: str) -> dict[str, str]:
+    """The run's pictures beside its logs (caption -> file name): the training curves."""
+    from moelora.analysis.plots import plot_curves
+
+    figures = {}
+    if plot_curves(run.history.read(), run.run_dir / CURVES_FILE, title):
+        figures["training curves"] = CURVES_FILE
+    return figures
 
 
 def peak_memory(accelerator: Accelerator) -> dict[str, float]:

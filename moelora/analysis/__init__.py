@@ -1,0 +1,1 @@
+"""What runs mean side by side: sweep summaries over seeds, training curves, routing pictures."""

@@ -1,0 +1,56 @@
+"""`moelora compare <sweep folder | run folders...>`: the summary of finished runs, and the
+Hydra callback that writes it into a sweep's folder when a multirun ends."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from moelora.analysis.runs import find_runs
+from moelora.analysis.summary import write_summary
+from moelora.errors import UserError
+from moelora.log import get_logger
+
+log = get_logger(__name__)
+
+
+def compare(paths: list[Path], out_dir: Path) -> Path:
+    """Write summary.md/.csv/.png for the finished runs under `paths` into `out_dir`."""
+    rows = write_summary(find_runs(paths), out_dir)
+    runs = sum(len(row.runs) for row in rows)
+    log.info(f"{runs} runs in {len(rows)} configurations: {out_dir / 'summary.md'}")
+    return out_dir / "summary.md"
+
+
+def compare_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="moelora compare",
+        description="Compare finished runs: one row per configuration, mean ± std over seeds.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder or run folders")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: the one folder given)"
+    )
+    args = parser.parse_args(argv)
+    out = args.out
+    if out is None:
+        if len(args.paths) > 1:
+            raise UserError("several folders are compared; say where to write with --out <dir>.")
+        out = args.paths[0]
+    summary = compare(args.paths, out)
+    print(summary.read_text(encoding="utf-8"))
+
+
+class SweepReport(Callback):
+    """Writes the comparison into the sweep folder when `moelora train -m ...` ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            compare([sweep], sweep)
+        except UserError as err:  # e.g. a sweep of unscored runs: say so, do not fail the sweep
+            log.warning(f"no sweep summary: {err}")
