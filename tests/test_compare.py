@@ -166,3 +166,12 @@ def test_a_multirun_ends_with_the_summary_in_its_sweep_folder(capsys, tmp_path) 
         history = [json.loads(line) for line in (sweep / str(job) / "history.jsonl").open()]
         assert [row["step"] for row in history if "train/loss" in row] == [3]
         assert "![training curves](curves.png)" in (sweep / str(job) / "report.md").read_text()
+    # Jobs 0-1 are lora (one expert, nothing routed), 2-3 moelora (a task gate per row).
+    assert not (sweep / "0" / "routing.json").exists()
+    routing = json.loads((sweep / "2" / "routing.json").read_text())
+    assert set(routing["groups"]["all"]["mean_weight"]) == {
+        "DEMO-CLS",
+        "DEMO-GEN",
+        "DEMO-NER",
+        "DEMO-STS",
+    }

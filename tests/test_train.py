@@ -67,6 +67,10 @@ def test_run_directory_holds_everything(finished_run) -> None:
     assert saved["info"]["trainable_parameters"] == metrics["info"]["trainable_parameters"] > 0
     report = (run_dir / "report.md").read_text()
     assert "| DEMO-NER | 4 |" in report and "**overall**" in report
+    assert "![training curves](curves.png)" in report and "](routing.png)" in report
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").open()]
+    first = metrics["info"]["train_loss_first"]
+    assert history[0]["train/loss"] == pytest.approx(first, abs=1e-4)
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora" in k or "gate" in k for k in adapter)
     assert not any("embed_tokens" in k or k.endswith("q_proj.weight") for k in adapter)
@@ -79,6 +83,14 @@ def test_eval_command_rescores_the_run(finished_run, tmp_path) -> None:
     evaluate_command(compose_config("eval", [f"run_dir={run_dir}"], tmp_path))
     rescored = json.loads((tmp_path / "metrics.json").read_text())
     assert rescored["score"]["per_task"] == pytest.approx(metrics["after"]["per_task"])
+    # The gates' report for the rows scored here equals the run's own (same rows, same model).
+    ours = json.loads((tmp_path / "routing.json").read_text())
+    theirs = json.loads((run_dir / "routing.json").read_text())
+    ours, theirs = ours["groups"]["all"]["mean_weight"], theirs["groups"]["all"]["mean_weight"]
+    assert set(ours) == set(theirs) == set(metrics["after"]["per_task"])
+    for task in ours:
+        assert ours[task] == pytest.approx(theirs[task], abs=1e-6)
+    assert "](routing.png)" in (tmp_path / "report.md").read_text()
 
 
 def test_eval_takes_data_and_model_settings_over_the_runs(finished_run, tmp_path) -> None:

@@ -70,3 +70,38 @@ def plot_curves(history: list[dict], path: Path, title: str) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def plot_routing(report: dict, path: Path, title: str) -> None:
+    """Task x expert heatmaps of the mean gate weight (all layers, then each depth third) and
+    each expert's share of the selections."""
+    groups = report["groups"]
+    names = list(groups)
+    figure, axes = plt.subplots(
+        1,
+        len(names) + 1,
+        figsize=(3.2 * (len(names) + 1) + 1, 0.45 * len(groups["all"]["mean_weight"]) + 2.2),
+        squeeze=False,
+    )
+    for panel, name in zip(axes[0], names, strict=False):
+        weights = groups[name]["mean_weight"]
+        tasks = list(weights)
+        image = panel.imshow([weights[t] for t in tasks], vmin=0, vmax=1, cmap="viridis")
+        panel.set_yticks(range(len(tasks)), tasks if panel is axes[0][0] else [""] * len(tasks))
+        panel.set_xticks(range(report["experts"]))
+        panel.set_xlabel("expert")
+        panel.set_title(f"{name} layers", fontsize="medium")
+        for row, task in enumerate(tasks):
+            for expert, value in enumerate(weights[task]):
+                colour = "white" if value < 0.5 else "black"
+                panel.text(
+                    expert, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour
+                )
+    shares = groups["all"]["selection_share"]
+    axes[0][-1].bar(range(len(shares)), shares)
+    axes[0][-1].set_xlabel("expert")
+    axes[0][-1].set_title("share of selections", fontsize="medium")
+    figure.colorbar(image, ax=axes[0][: len(names)].tolist(), shrink=0.8, label="mean gate weight")
+    figure.suptitle(title, fontsize="medium")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)

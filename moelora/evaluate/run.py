@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from moelora.adapters import get_method, method_names
+from moelora.analysis.routing import write_routing
 from moelora.config import EvalConfig, EvalRunConfig, GenerationRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, loss_loader
 from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
@@ -216,9 +217,13 @@ def evaluate_command(raw: DictConfig) -> None:
         "eval",
         out_dir,
     )
+    figures = {}
+    if cfg.run_dir:  # what the run's gates do on the rows scored here
+        main, batch = accelerator.is_main_process, eval_cfg.batch_size
+        figures = write_routing(model, data.eval, batch, registry.tasks, out_dir, title, main)
     if accelerator.is_main_process:
         columns = report_columns("score", scores)
-        write_report(out_dir, f"moelora eval: {title}", columns, {"source": title})
+        write_report(out_dir, f"moelora eval: {title}", columns, {"source": title}, figures)
         log.info((out_dir / "report.md").read_text())
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
+from moelora.analysis.routing import write_routing
 from moelora.config import TrainConfig, to_container
 from moelora.data.formatting import loss_loader
 from moelora.data.mixture import STAGE_ROWS, MixtureSampler, stage_sampler
@@ -514,6 +515,10 @@ def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
     }
     title = f"moelora run: {cfg.method.name} on {cfg.data.name}"
     figures = _draw_figures(run, title) if accelerator.is_main_process else {}
+    if cfg.eval.enabled:
+        tasks, main = run.data.registry.tasks, accelerator.is_main_process
+        batch = cfg.eval.batch_size
+        figures |= write_routing(run.model, run.data.eval, batch, tasks, run.run_dir, title, main)
     if accelerator.is_main_process and cfg.eval.enabled:
         write_report(run.run_dir, title, columns, info, figures)
         log.info((run.run_dir / "report.md").read_text())

@@ -1,0 +1,175 @@
+"""What the gates do: mean gate weight per task and expert, selection shares, balance, entropy.
+
+One teacher-forced pass over the eval rows with a hook on every adapted layer's gate. Each
+token of each row counts once per layer (padding left out); a row-level gate (moelora's task
+gate) counts for every token of its row. Layers are grouped by depth (first, middle and last
+third of the blocks) besides the average over all of them. For the balance and the entropy a
+token's gate weights are normalised to sum to 1 (modula_res keeps its universal expert at
+weight 1 beside the router's distribution).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moelora.data.formatting import loss_loader
+from moelora.log import get_logger
+
+log = get_logger(__name__)
+
+# An expert taking at least this share of all the (normalised) weight has collapsed the gate.
+COLLAPSE_SHARE = 0.9
+
+
+@dataclass
+class LayerGroupSums:
+    """Running sums for one group of layers: per task, the gate weights and the token count;
+    per expert, how often it was selected (weight > 0)."""
+
+    weight: dict[str, Tensor] = field(default_factory=dict)  # task -> (E,) summed weights
+    tokens: dict[str, int] = field(default_factory=dict)  # task -> tokens x layers
+    selected: Tensor | None = None  # (E,) selections over every task
+    normalised: Tensor | None = None  # (E,) summed normalised weights
+    entropy: float = 0.0  # summed per-token entropy of the normalised weights
+    count: int = 0  # tokens x layers
+
+    def add(self, tasks: list[str], g: Tensor, mask: Tensor) -> None:
+        """g: (batch, seq, E) gate weights, mask: (batch, seq) real tokens."""
+        g = g.float() * mask.unsqueeze(-1)
+        for row, task in enumerate(tasks):
+            total = self.weight.get(task, torch.zeros(g.shape[-1]))
+            self.weight[task] = total + g[row].sum(0)
+            self.tokens[task] = self.tokens.get(task, 0) + int(mask[row].sum())
+        real = g[mask.bool()]  # (tokens, E)
+        p = real / real.sum(-1, keepdim=True).clamp_min(1e-12)
+        selected = (real > 0).float().sum(0)
+        self.selected = selected if self.selected is None else self.selected + selected
+        summed = p.sum(0)
+        self.normalised = summed if self.normalised is None else self.normalised + summed
+        self.entropy += float(-(p * p.clamp_min(1e-12).log()).sum())
+        self.count += real.shape[0]
+
+    def result(self) -> dict:
+        tasks = sorted(self.weight)
+        experts = self.normalised.numel()
+        share = self.normalised / max(self.count, 1)
+        selected = self.selected / self.selected.sum().clamp_min(1e-12)
+        return {
+            "mean_weight": {t: (self.weight[t] / max(self.tokens[t], 1)).tolist() for t in tasks},
+            "weight_share": share.tolist(),
+            "selection_share": selected.tolist(),
+            "load_balance_cv2": float(share.var(unbiased=False) / share.mean().pow(2)),
+            "entropy": self.entropy / max(self.count, 1),
+            "entropy_max": math.log(experts),
+        }
+
+
+def depth_groups(paths: list[str]) -> dict[str, str]:
+    """Layer path -> "first"/"middle"/"last" third of the blocks (by the `.layers.<i>.` index);
+    "all" when the paths carry no block index or there are fewer than three blocks."""
+    index = {p: int(m.group(1)) for p in paths if (m := re.search(r"\.layers\.(\d+)\.", p))}
+    blocks = sorted(set(index.values()))
+    if len(index) < len(paths) or len(blocks) < 3:
+        return dict.fromkeys(paths, "all")
+    names = ("first", "middle", "last")
+    third = {b: names[min(3 * i // len(blocks), 2)] for i, b in enumerate(blocks)}
+    return {p: third[index[p]] for p in paths}
+
+
+def expand_gate(g: Tensor, batch: int, seq: int) -> Tensor:
+    """A gate's output (E,), (batch, 1, E) or (batch, seq, E) as (batch, seq, E)."""
+    if g.dim() == 1:
+        g = g.view(1, 1, -1)
+    return g.expand(batch, seq, g.shape[-1])
+
+
+@torch.no_grad()
+def collect_routing(model, batches, task_names: list[str]) -> dict | None:
+    """Routing statistics of `model` (an AdaptedModel) over `batches` (loss_loader batches on
+    the model's device); None when its layers have a single expert (nothing is routed)."""
+    experts = max(layer.num_experts for layer in model.adapted_layers.values())
+    if experts < 2:
+        return None
+    layers = {p: lay for p, lay in model.adapted_layers.items() if lay.num_experts == experts}
+    group_of = depth_groups(list(layers))
+    groups = {name: LayerGroupSums() for name in ["all", *dict.fromkeys(group_of.values())]}
+    current: dict = {}
+
+    def hook(path: str):
+        def record(module, args, g: Tensor) -> None:
+            batch, seq = current["mask"].shape
+            if g.dim() == 3 and g.shape[1] not in (1, seq):  # not a full-sequence forward
+                return
+            g = expand_gate(g, batch, seq)
+            for name in {"all", group_of[path]}:
+                groups[name].add(current["tasks"], g, current["mask"])
+
+        return record
+
+    handles = [layer.gate.register_forward_hook(hook(p)) for p, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            current["tasks"] = [task_names[int(t)] for t in batch["task_ids"]]
+            current["mask"] = batch["attention_mask"].cpu()
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not groups["all"].count:
+        return None
+    report = {"experts": experts, "layers": len(layers)}
+    report["groups"] = {name: sums.result() for name, sums in groups.items() if sums.count}
+    report["warnings"] = routing_warnings(report["groups"]["all"])
+    return report
+
+
+def routing_warnings(stats: dict) -> list[str]:
+    """A collapsed gate (one expert takes nearly all the weight) or an expert never chosen."""
+    warnings = []
+    share = stats["weight_share"]
+    top = max(range(len(share)), key=share.__getitem__)
+    if share[top] >= COLLAPSE_SHARE:
+        warnings.append(
+            f"routing collapsed: expert {top} takes {share[top]:.0%} of the gate weight over "
+            f"all tokens and layers"
+        )
+    never = [e for e, s in enumerate(stats["selection_share"]) if s == 0]
+    if never:
+        warnings.append(f"experts {never} were never chosen for any token")
+    return warnings
+
+
+ROUTING_FILES = ("routing.json", "routing.png")
+
+
+def write_routing(
+    model, rows, batch_size: int, task_names: list[str], out_dir: Path, title: str, main: bool
+) -> dict[str, str]:
+    """routing.json and routing.png for the eval rows `rows` (every process runs the pass, as
+    ZeRO-3 needs; the main process writes); returns the report's figure link, if any."""
+    pad_id = model.base_model.config.pad_token_id or 0
+    device = next(model.parameters()).device
+    batches = (
+        {k: v.to(device) for k, v in batch.items()}
+        for batch in loss_loader(rows, batch_size, pad_id)
+    )
+    report = collect_routing(model, batches, task_names)
+    if report is None or not main:
+        return {}
+    from moelora.analysis.plots import plot_routing
+
+    (out_dir / "routing.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    plot_routing(report, out_dir / "routing.png", title)
+    for warning in report["warnings"]:
+        log.warning(warning)
+    return {"routing: mean gate weight per task and expert": "routing.png"}
