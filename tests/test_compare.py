@@ -28,6 +28,7 @@ def made_up_run(
     scores: dict[str, float],
     lr: float = 0.005,
     fields: dict | None = None,
+    params: int = 1000,
 ) -> Path:
     """A finished run folder: config.yaml and metrics.json as `moelora train` writes them."""
     run = root / name
@@ -42,7 +43,7 @@ def made_up_run(
     overall = sum(scores.values()) / len(scores)
     metrics = {
         "info": {
-            "trainable_parameters": 1000,
+            "trainable_parameters": params,
             "train_tokens_per_second": 100 + seed,
             "train_seconds": 2.0,
         },
@@ -61,7 +62,7 @@ def sweep(tmp_path) -> Path:
     for seed, scores in enumerate(LORA):
         made_up_run(tmp_path, f"lora{seed}", "lora", seed, scores)
     for seed, scores in enumerate(MOELORA):
-        made_up_run(tmp_path, f"moe{seed}", "moelora", seed, scores, fields={"num_experts": 8})
+        made_up_run(tmp_path, f"moe{seed}", "moelora", seed, scores, params=2000)
     (tmp_path / "unfinished").mkdir()  # no metrics.json: not a run to compare
     return tmp_path
 
@@ -119,6 +120,12 @@ def test_compare_on_the_command_line(sweep, capsys, tmp_path) -> None:
     done = in_process(capsys, "compare", *two, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "| method=moelora | 1 |" in done.stdout and (out / "summary.csv").is_file()
+    assert "| method=lora | 1 | 50.0 | 30.0 | **40.0** | baseline |" in done.stdout  # cheaper
+    done = in_process(capsys, "compare", *two, "--out", str(out), "--baseline", "method=moelora")
+    assert "| method=moelora | 1 | 92.0 | 72.0 | **82.0** | baseline |" in done.stdout
+    assert "| method=lora | 1 | 50.0 | 30.0 | **40.0** | -42.0 n/a |" in done.stdout
+    done = in_process(capsys, "compare", *two, "--out", str(out), "--baseline", "method=x")
+    assert done.returncode == 2 and "--baseline 'method=x' is not a configuration" in done.stderr
     done = in_process(capsys, "compare", *two)
     assert done.returncode == 2 and "--out <dir>" in done.stderr
     done = in_process(capsys, "compare", str(tmp_path / "nowhere"))

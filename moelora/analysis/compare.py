@@ -18,9 +18,9 @@ from moelora.log import get_logger
 log = get_logger(__name__)
 
 
-def compare(paths: list[Path], out_dir: Path) -> Path:
+def compare(paths: list[Path], out_dir: Path, baseline: str | None = None) -> Path:
     """Write summary.md/.csv/.png for the finished runs under `paths` into `out_dir`."""
-    rows = write_summary(find_runs(paths), out_dir)
+    rows = write_summary(find_runs(paths), out_dir, baseline)
     runs = sum(len(row.runs) for row in rows)
     log.info(f"{runs} runs in {len(rows)} configurations: {out_dir / 'summary.md'}")
     return out_dir / "summary.md"
@@ -35,13 +35,19 @@ def compare_command(argv: list[str]) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the one folder given)"
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="the configuration others are compared with, by its label (default: the one with "
+        "the fewest trainable parameters)",
+    )
     args = parser.parse_args(argv)
     out = args.out
     if out is None:
         if len(args.paths) > 1:
             raise UserError("several folders are compared; say where to write with --out <dir>.")
         out = args.paths[0]
-    summary = compare(args.paths, out)
+    summary = compare(args.paths, out, args.baseline)
     print(summary.read_text(encoding="utf-8"))
 
 

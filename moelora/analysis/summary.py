@@ -2,8 +2,9 @@
 
 Scores are percentages of the headline reading (metrics.json's "after"). The std is the sample
 standard deviation (n - 1) over seeds; with one seed it is unknown and no difference is called.
-A configuration's overall score differs from the baseline's (lora when present, else the first
-row) beyond the seed-to-seed spread when |mean - baseline mean| > std + baseline std.
+A configuration's overall score differs from the baseline's beyond the seed-to-seed spread when
+|mean - baseline mean| > std + baseline std. The baseline is the configuration given by label,
+else the one with the fewest trainable parameters (the cheapest: does a costlier method beat it?).
 """
 
 from __future__ import annotations
@@ -95,8 +96,20 @@ def summarize(runs: list[RunResult]) -> list[Row]:
     return list(rows.values())
 
 
-def baseline(rows: list[Row]) -> Row:
-    return next((row for row in rows if row.method == "lora"), rows[0])
+def baseline(rows: list[Row], label: str | None = None) -> Row:
+    if label is not None:
+        found = [row for row in rows if row.label == label]
+        if not found:
+            labels = ", ".join(row.label for row in rows)
+            raise UserError(
+                f"--baseline '{label}' is not a configuration here; use one of {labels}."
+            )
+        return found[0]
+    params = [
+        row.info["trainable_parameters"].mean if "trainable_parameters" in row.info else math.inf
+        for row in rows
+    ]
+    return rows[params.index(min(params))]
 
 
 def beyond_spread(row: Row, base: Row) -> bool | None:
@@ -112,8 +125,8 @@ def task_names(rows: list[Row]) -> list[str]:
     return sorted({task for row in rows for task in row.tasks})
 
 
-def write_markdown(rows: list[Row], path: Path) -> None:
-    tasks, base = task_names(rows), baseline(rows)
+def write_markdown(rows: list[Row], path: Path, base: Row) -> None:
+    tasks = task_names(rows)
     info = [key for key in INFO_KEYS if all(key in row.info for row in rows)]
     header = ["configuration", "n", *tasks, "overall", f"vs {base.label}"]
     header += [INFO_KEYS[key] for key in info]
@@ -172,13 +185,15 @@ def write_csv(rows: list[Row], path: Path) -> None:
             writer.writerow(values)
 
 
-def write_summary(runs: list[RunResult], out_dir: Path) -> list[Row]:
+def write_summary(
+    runs: list[RunResult], out_dir: Path, baseline_label: str | None = None
+) -> list[Row]:
     """summary.md, summary.csv and summary.png in `out_dir`."""
     from moelora.analysis.plots import plot_summary
 
     rows = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(rows, out_dir / "summary.md")
+    write_markdown(rows, out_dir / "summary.md", baseline(rows, baseline_label))
     write_csv(rows, out_dir / "summary.csv")
     plot_summary(rows, task_names(rows), out_dir / "summary.png")
     return rows
