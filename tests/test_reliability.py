@@ -235,3 +235,21 @@ def test_a_second_signal_stops_at_once_but_a_forwarded_copy_does_not(monkeypatch
         stop._handle(signal.SIGTERM, None)
         assert exits == [128 + signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) != stop._handle  # the old handlers are back
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_said_before_training(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    import shutil as shell
+
+    from moelora.train.checkpoint import check_free_space
+
+    usage = shell.disk_usage(tmp_path)
+    monkeypatch.setattr(shell, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    root = tmp_path / "checkpoints"
+    check_free_space(root, adapter_parameters=1_000_000, saves=3)  # 4 MB x 10 = 40 MB
+    out = capsys.readouterr().out
+    assert out.startswith(f"warning: {tmp_path} has 0.01 GiB free, and the checkpoints")
+    assert "need about 0.04 GiB" in out
+    check_free_space(root, adapter_parameters=100_000, saves=3)  # 4 MB: fits
+    assert capsys.readouterr().out == ""

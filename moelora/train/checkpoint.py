@@ -58,6 +58,19 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in found if (p / STATE_FILE).is_file())
 
 
+def check_free_space(root: Path, adapter_parameters: int, saves: int) -> None:
+    """Warn when the disk under `root` looks too small for `saves` checkpoints (the adapter and
+    its two Adam moments) and the final adapter, before training starts."""
+    needed = 4 * adapter_parameters * (3 * saves + 1)
+    probe = root if root.exists() else root.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        log.warning(
+            f"{probe} has {free / 2**30:.2f} GiB free, and the checkpoints and adapter need "
+            f"about {needed / 2**30:.2f} GiB; free space or lower trainer.keep_checkpoints."
+        )
+
+
 class Checkpointer:
     """Saves and restores through `accelerator.save_state`/`load_state`, with hooks that swap the
     full model weights (never written) for the adapter's own tensors. Every process must call
@@ -126,18 +139,6 @@ class Checkpointer:
             f"free space under {self.root} or fix its permissions, then resume with "
             f"trainer.resume=true."
         )
-
-    def check_space(self, adapter_parameters: int, saves: int) -> None:
-        """Warn when the disk under the run directory looks too small for `saves` checkpoints
-        (adapter, its two Adam moments) and the final adapter, before training starts."""
-        needed = 4 * adapter_parameters * (3 * saves + 1)
-        probe = self.root if self.root.exists() else self.root.parent
-        free = shutil.disk_usage(probe).free
-        if free < needed:
-            log.warning(
-                f"{probe} has {free / 2**30:.2f} GiB free, and the checkpoints and adapter need "
-                f"about {needed / 2**30:.2f} GiB; free space or lower trainer.keep_checkpoints."
-            )
 
     def latest_state(self) -> TrainState | None:
         """The newest checkpoint's position, read without loading anything heavy. Stops when

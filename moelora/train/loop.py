@@ -60,6 +60,7 @@ from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
 from moelora.train.checkpoint import (
     Checkpointer,
     TrainState,
+    check_free_space,
     complete_checkpoints,
     save_whole_adapter,
 )
@@ -245,7 +246,8 @@ def open_run_dir(run: Run) -> None:
     run.history = History(run.run_dir, accelerator.is_main_process)
     if run.resume_from is not None:  # steps after the checkpoint are trained (and logged) again
         run.history.keep_until(run.resume_from.global_step)
-    run.checkpointer.check_space(run.adapter_parameters, _checkpoints_on_disk(cfg, run.method))
+    saves = _checkpoints_on_disk(cfg, run.method)
+    check_free_space(run.checkpointer.root, run.adapter_parameters, saves)
 
 
 def _score(run: Run, model: torch.nn.Module, label: str) -> dict[str, dict]:
