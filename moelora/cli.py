@@ -6,10 +6,11 @@ Each command is an ordinary Hydra app, so overrides, `-m` sweeps, `--help`, `--c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import hydra
 from omegaconf import DictConfig
@@ -59,11 +60,22 @@ def _run_predict(cfg: DictConfig) -> None:
 def _run_compare(argv: list[str]) -> None:
     from moelora.analysis.compare import compare_command
 
-    try:
+    with _one_line_errors("compare"):
         compare_command(argv)
+
+
+@contextlib.contextmanager
+def _one_line_errors(command: str) -> Iterator[None]:
+    """A user's mistake (exit 2) or a run stopped on purpose (its own exit code) ends the
+    command with one line on standard error, not a traceback."""
+    try:
+        yield
     except UserError as err:
-        print(f"moelora compare: error: {err}", file=sys.stderr)
+        print(f"moelora {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as stop:
+        print(f"moelora {command}: stopped: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
 
 
 def _run_export(cfg: DictConfig) -> None:
@@ -86,14 +98,8 @@ def _hydra_app(command: str) -> Callable[[], None]:
     @hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         _quiet_libraries()
-        try:
+        with _one_line_errors(command):
             COMMANDS[command](cfg)
-        except UserError as err:
-            print(f"moelora {command}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except RunStopped as stop:
-            print(f"moelora {command}: stopped: {stop}", file=sys.stderr)
-            raise SystemExit(stop.exit_code) from None
 
     return app
 

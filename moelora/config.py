@@ -20,6 +20,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 TEMPLATES = ("auto", "chat", "plain")
 LENGTH_POLICIES = ("truncate_input", "drop", "error")
 SCORER_CHOICES = ("official", "lenient", "both")
+TINY_ARCHITECTURES = ("llama", "qwen2")  # transformers model types the tiny base can take
 MIXTURE_STRATEGIES = ("proportional", "uniform", "temperature", "weights")
 
 
@@ -49,7 +50,7 @@ class TinyModelConfig:
     pretrain_files: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_choice("model.tiny.architecture", self.architecture, ("llama", "qwen2"))
+        check_choice("model.tiny.architecture", self.architecture, TINY_ARCHITECTURES)
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             check_range(f"model.tiny.{key}", getattr(self, key), 1)
         check_range("model.tiny.max_position_embeddings", self.max_position_embeddings, 1)

@@ -121,13 +121,9 @@ def _load(
 
 
 def _tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
-    arch = {"llama": "llama", "qwen2": "qwen2"}.get(cfg.architecture)
-    if arch is None:
-        raise UserError(
-            f"model.tiny.architecture='{cfg.architecture}' is unknown; use llama or qwen2."
-        )
+    """The transformers config of the tiny model (its schema has checked the architecture)."""
     return AutoConfig.for_model(
-        arch,
+        cfg.architecture,
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,

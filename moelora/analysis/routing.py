@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moelora.data.formatting import loss_loader
+from moelora.data.formatting import batches_on
 from moelora.log import get_logger
 
 log = get_logger(__name__)
@@ -158,11 +158,7 @@ def write_routing(
     """routing.json and routing.png for the eval rows `rows` (every process runs the pass, as
     ZeRO-3 needs; the main process writes); returns the report's figure link, if any."""
     pad_id = model.base_model.config.pad_token_id or 0
-    device = next(model.parameters()).device
-    batches = (
-        {k: v.to(device) for k, v in batch.items()}
-        for batch in loss_loader(rows, batch_size, pad_id)
-    )
+    batches = batches_on(rows, batch_size, pad_id, next(model.parameters()).device)
     report = collect_routing(model, batches, task_names)
     if report is None or not main:
         return {}

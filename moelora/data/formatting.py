@@ -4,6 +4,7 @@ loss on the answer only, and a length policy that never silently cuts an answer.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from statistics import mean
 
@@ -161,6 +162,12 @@ def loss_loader(rows: Dataset, batch_size: int, pad_id: int, **kwargs) -> DataLo
         collate_fn=TrainCollator(pad_id),
         **kwargs,
     )
+
+
+def batches_on(rows: Dataset, batch_size: int, pad_id: int, device: torch.device) -> Iterator[dict]:
+    """`loss_loader`'s batches (in order), moved to `device`: an eval pass over `rows`."""
+    for batch in loss_loader(rows, batch_size, pad_id):
+        yield {key: value.to(device) for key, value in batch.items()}
 
 
 class TrainCollator:

@@ -304,15 +304,14 @@ def train_stages(run: Run, on_prepared: Callable[[torch.nn.Module], None] | None
 
 def _stage_rows(run: Run, name: str | None) -> MixtureSampler:
     """Set the model to stage `name` and return the rows the stage draws."""
-    method, registry = run.method, run.data.registry
-    added = [registry.domains.index(d) for d in method.added_domains()]
-    run.model.set_stage(name, domains=added or None)  # the domain stage: only added experts
+    method, registry, added = run.method, run.data.registry, run.method.added_domains()
+    ids = [registry.domains.index(d) for d in added]
+    run.model.set_stage(name, domains=ids or None)  # the domain stage: only added experts
     rows = method.stage_rows(name)
     if rows == "mixture":
         return run.sampler
     task_of_row, cfg = run.data.train["task_dataset"], run.cfg
-    seed, added_names = cfg.trainer.seed, method.added_domains()
-    sampler = stage_sampler(rows, task_of_row, registry, cfg.data.mixture, seed, added_names)
+    sampler = stage_sampler(rows, task_of_row, registry, cfg.data.mixture, cfg.trainer.seed, added)
     log.info(f"{name} stage: {STAGE_ROWS[rows]}, per task {sampler.counts}")
     return sampler
 
