@@ -226,6 +226,9 @@ class EvalConfig:
     # How answers are read: official (the PromptCBLUE scorer, leaderboard numbers), lenient
     # (kinder to messy output), or both (official is the headline, lenient a second column).
     scorer: str = "official"
+    # Generate each task's (or domain's) rows with its static gate folded into the base weights
+    # (base-model speed; the weights are restored bitwise). false: through the adapter.
+    fold: bool = True
 
     def __post_init__(self) -> None:
         check_choice("eval.scorer", self.scorer, SCORER_CHOICES)

@@ -58,27 +58,51 @@ def build_base(args: argparse.Namespace) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def time_steps(model, batch: dict, steps: int, warmup: int, device: str) -> tuple[float, float]:
-    """Seconds per step (median of `steps`) and peak memory in GiB (CUDA only, else nan)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return sorted(times)[len(times) // 2], peak
+class Timed:
+    """One model under test with its optimizer and the step times measured so far."""
+
+    def __init__(self, label: str, model: torch.nn.Module, params: int) -> None:
+        self.label, self.model, self.params = label, model, params
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        self.times: list[float] = []
+
+    def steps(self, batch: dict, count: int, device: str, record: bool) -> None:
+        self.model.train()
+        for _ in range(count):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.model(**batch).loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if record:
+                self.times.append(time.perf_counter() - start)
+
+    @property
+    def seconds(self) -> float:
+        """The median step time."""
+        return sorted(self.times)[len(self.times) // 2]
+
+
+def measure(models: list[Timed], batch: dict, args: argparse.Namespace) -> dict[str, float]:
+    """Warm every model up, then time them in `args.rounds` interleaved rounds, so that a
+    slow spell of a shared machine hits every model alike; peak memory (CUDA) per model."""
+    peaks = {}
+    for timed in models:
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timed.steps(batch, args.warmup, args.device, record=False)
+        peaks[timed.label] = (
+            torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+        )
+    per_round = max(args.steps // args.rounds, 1)
+    for _ in range(args.rounds):
+        for timed in models:
+            timed.steps(batch, per_round, args.device, record=True)
+    return peaks
 
 
 def main() -> None:
@@ -88,7 +112,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per model")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -100,36 +125,30 @@ def main() -> None:
     task_ids = torch.arange(args.batch, device=args.device) % 4
     tokens = args.batch * args.seq
 
-    rows = []
     peft_model = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS),
     ).to(args.device)
-    peft_time, peft_peak = time_steps(peft_model, batch, args.steps, args.warmup, args.device)
-    rows.append(
-        ("PEFT LoRA r16", peft_model.get_nb_trainable_parameters()[0], peft_time, peft_peak)
-    )
-    del peft_model
+    models = [Timed("PEFT LoRA r16", peft_model, peft_model.get_nb_trainable_parameters()[0])]
     for label, fields in METHODS.items():
         cfg = AdapterConfig.coerce({"alpha": 32, "dropout": 0.0, **fields})
         model = AdaptedModel(copy.deepcopy(base), cfg, num_tasks=4, num_domains=4).to(args.device)
         routed = {"task_ids": task_ids, "domain_ids": task_ids}
-        seconds, peak = time_steps(
-            _Bound(model, routed), batch, args.steps, args.warmup, args.device
-        )
-        rows.append((label, model.num_trainable_parameters(), seconds, peak))
-        del model
+        models.append(Timed(label, _Bound(model, routed), model.num_trainable_parameters()))
+    peaks = measure(models, batch, args)
 
     print(
         f"\ndevice {args.device}, dtype {dtype}, hidden {args.hidden}, layers {args.layers}, "
-        f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps\n"
+        f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps in {args.rounds} "
+        "interleaved rounds\n"
     )
     print("| adapter | trainable params | tokens/s | vs PEFT LoRA | peak GiB |")
     print("|---|---:|---:|---:|---:|")
-    for label, params, seconds, peak in rows:
+    reference = models[0].seconds
+    for timed in models:
         print(
-            f"| {label} | {params:,} | {tokens / seconds:,.0f} | {peft_time / seconds:.2f}x | "
-            f"{peak:.2f} |"
+            f"| {timed.label} | {timed.params:,} | {tokens / timed.seconds:,.0f} | "
+            f"{reference / timed.seconds:.2f}x | {peaks[timed.label]:.2f} |"
         )
 
 

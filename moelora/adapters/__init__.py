@@ -5,7 +5,7 @@ from moelora.adapters.export import export_peft_adapter, fixed_gates, merge_adap
 from moelora.adapters.gates import DomainGate, SharedTaskWeights, TaskGate, TopKRouter, UnitGate
 from moelora.adapters.inject import build_layer, find_targets, inject_adapters
 from moelora.adapters.layer import GatedLoRALinear
-from moelora.adapters.losses import ExpertContrastive, expert_contrastive_loss, load_balance_loss
+from moelora.adapters.losses import ExpertContrastive, contrastive_losses, load_balance_loss
 from moelora.adapters.methods import (
     LayerParts,
     Method,
@@ -33,7 +33,7 @@ __all__ = [
     "TopKRouter",
     "UnitGate",
     "build_layer",
-    "expert_contrastive_loss",
+    "contrastive_losses",
     "export_peft_adapter",
     "find_targets",
     "fixed_gates",

@@ -117,10 +117,20 @@ class GatedLoRALinear(nn.Module):
         a, b = self.stacked()
         h = F.linear(self.dropout(x.to(a.dtype)), a)  # (..., R): every expert's A x at once
         g = self.gate(x, self.routing)  # (..., E), broadcastable to h's leading dims
-        w = (g * self.expert_scale).to(h.dtype)[..., self.expert_of_rank]
         if self.contrastive is not None and self.routing.state.collect_aux:
             self.contrastive(h, g, b, self.routing.state, x)
-        return result + F.linear(h * w, b).to(result.dtype)
+        return result + F.linear(self.weighted(h, g), b).to(result.dtype)
+
+    def weighted(self, h: Tensor, g: Tensor) -> Tensor:
+        """h with each expert's ranks multiplied by g_e s_e. A per-token gate over experts of
+        equal rank multiplies an (E, r) view of h (1.6x faster forward and backward than
+        indexing g out to every rank, whose backward scatters); a per-row or constant gate is
+        small, and indexing it out first is faster (measured on CPU)."""
+        w = (g * self.expert_scale).to(h.dtype)
+        rank = self.ranks[0]
+        if w.shape[:-1] == h.shape[:-1] and all(r == rank for r in self.ranks):
+            return (h.unflatten(-1, (self.num_experts, rank)) * w.unsqueeze(-1)).flatten(-2)
+        return h * w[..., self.expert_of_rank]
 
     def folded(self, g: Tensor) -> tuple[Tensor, Tensor]:
         """(A, B * expand(g * s)) over the experts with g != 0: a plain LoRA equal to this layer."""

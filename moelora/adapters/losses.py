@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+from functools import partial
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,60 +24,77 @@ def load_balance_loss(logits: Tensor, chosen: Tensor, mask: Tensor | None = None
     """
     num_experts = logits.shape[-1]
     probs = logits.float().softmax(-1).reshape(-1, num_experts)
-    chosen = chosen.reshape(-1, chosen.shape[-1])
-    if mask is not None:
-        keep = mask.reshape(-1).bool()
-        probs, chosen = probs[keep], chosen[keep]
-    counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(probs.dtype)
-    fraction = counts / chosen.numel()
-    return num_experts * (fraction * probs.mean(0)).sum()
+    slots = F.one_hot(chosen.reshape(len(probs), -1), num_experts).sum(1).to(probs.dtype)
+    # the mask as a weight, not an index: no host sync and no copy of the kept rows
+    weight = probs.new_ones(len(probs), 1) if mask is None else mask.reshape(-1, 1).to(probs.dtype)
+    tokens = weight.sum().clamp(min=1)
+    fraction = (slots * weight).sum(0) / (tokens * chosen.shape[-1])
+    return num_experts * (fraction * (probs * weight).sum(0) / tokens).sum()
 
 
-def expert_contrastive_loss(outputs: Tensor, experts: Tensor, tau: float) -> Tensor:
-    """InfoNCE over expert outputs: positives share the expert, negatives come from others.
+def contrastive_losses(h: Tensor, gram: Tensor, experts: Tensor, tau: float) -> Tensor:
+    """InfoNCE over the outputs o_m = B_e A_e x of routed (token, expert) pairs, for L layers
+    at once: positives share the expert, negatives do not. For anchor a with positives P(a)
+    (same expert, other pairs),
 
-    For anchor a with positives P(a) (same expert, other tokens):
-    loss_a = -mean_{p in P(a)} log( exp(z_a.z_p / tau) / sum_{b != a} exp(z_a.z_b / tau) ),
-    with z the L2-normalised outputs; averaged over anchors that have a positive.
+        loss_a = -mean_{p in P(a)} log( exp(c_ap / tau) / sum_{b != a} exp(c_ab / tau) )
+               = logsumexp_{b != a}(c_ab / tau) - mean_{p in P(a)} c_ap / tau,
+
+    c the cosine similarity of outputs, averaged over anchors that have a positive.
+
+    Computed in rank space: with u_m = A_e x placed in expert e's slice of R = E * r ranks,
+    o_m = B_cat u_m and o_a . o_b = u_a^T G u_b, G = B_cat^T B_cat. The pair matrix costs
+    M^2 R instead of M^2 d_out, the positives' sums M E R (per-expert sums of the normalised
+    u), so only the logsumexp touches all M^2 pairs; one batched matmul serves every layer.
 
     Args:
-        outputs: (M, d_out) outputs o = B_i A_i x of routed (token, expert) pairs.
-        experts: (M,) which expert produced each output.
+        h: (L, M, r) A_e x of each pair's token under its own expert (reused from the forward).
+        gram: (L, R, R) B_cat^T B_cat of each layer, experts of equal rank r.
+        experts: (L, M) the pair's expert.
         tau: temperature.
+
+    Returns:
+        (L,) the loss of each layer.
     """
-    z = F.normalize(outputs.float(), dim=-1)
-    itself = torch.eye(len(z), dtype=torch.bool, device=z.device)
-    sim = (z @ z.T / tau).masked_fill(itself, float("-inf"))
-    log_prob = sim - sim.logsumexp(dim=1, keepdim=True)
-    positive = (experts[:, None] == experts[None, :]) & ~itself
-    count = positive.sum(1)
-    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(1) / count.clamp(min=1)
-    has_positive = count > 0
-    if not has_positive.any():
-        return outputs.sum() * 0.0
-    return per_anchor[has_positive].mean()
+    layers, num_pairs, rank = h.shape
+    num_experts = gram.shape[-1] // rank
+    same = F.one_hot(experts, num_experts).float()  # (L, M, E)
+    u = (same[..., None] * h.float()[:, :, None, :]).flatten(2)  # h in its expert's slice
+    projected = u @ gram.float()
+    inverse_norm = (projected * u).sum(-1, keepdim=True).clamp(min=1e-24).rsqrt()  # eps^2
+    right = u * inverse_norm  # normalised: c_ab / tau = left_a . right_b
+    left = projected * (inverse_norm / tau)
+    sim = left @ right.transpose(1, 2)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # a pair is not its own negative
+    count = (same @ same.sum(1, keepdim=True).transpose(1, 2)).squeeze(-1) - 1  # (L, M)
+    positives = (left * (same @ (same.transpose(1, 2) @ right))).sum(-1)
+    positives = positives - (left * right).sum(-1)
+    per_anchor = sim.logsumexp(dim=-1) - positives / count.clamp(min=1)
+    has_positive = (count > 0).float()
+    return (per_anchor * has_positive).sum(-1) / has_positive.sum(-1).clamp(min=1)
 
 
 class ExpertContrastive(nn.Module):
-    """Records the contrastive loss of one layer on at most `max_tokens` sampled real tokens."""
+    """Records one layer's routed pairs for the contrastive loss: the tokens the routing state
+    sampled for this forward (at most `max_tokens` real ones, the same in every layer), each
+    under its top-k experts. The loss itself is computed for all layers at once
+    (`contrastive_losses`) when the forward ends."""
 
-    def __init__(self, num_experts: int, tau: float, max_tokens: int) -> None:
+    def __init__(self, num_experts: int, top_k: int, tau: float, max_tokens: int) -> None:
         super().__init__()
-        self.num_experts, self.tau, self.max_tokens = num_experts, tau, max_tokens
+        self.num_experts, self.top_k = num_experts, top_k
+        self.tau, self.max_tokens = tau, max_tokens
 
     def forward(self, h: Tensor, g: Tensor, b: Tensor, state: RoutingState, x: Tensor) -> None:
-        num = self.num_experts
-        h, g = h.reshape(-1, h.shape[-1]), g.reshape(-1, num)
-        mask = state.mask_for(x)
-        tokens = torch.arange(len(h), device=h.device)
-        if mask is not None:
-            tokens = tokens[mask.reshape(-1).bool()]
-        tokens = tokens[torch.randperm(len(tokens), device=h.device)[: self.max_tokens]]
-        rank = h.shape[-1] // num
-        per_expert = torch.einsum(  # o[n, e] = B_e A_e x_n for the sampled tokens
-            "ner,oer->neo", h[tokens].view(-1, num, rank), b.view(b.shape[0], num, rank)
-        )
-        token, expert = (g[tokens] > 0).nonzero(as_tuple=True)
-        state.record(
-            "contrastive", expert_contrastive_loss(per_expert[token, expert], expert, self.tau)
+        tokens = state.sample_tokens(x, self.max_tokens)
+        h = h.reshape(-1, self.num_experts, h.shape[-1] // self.num_experts)[tokens]
+        experts = g.reshape(-1, self.num_experts)[tokens].topk(self.top_k, dim=-1).indices
+        pairs = h.gather(1, experts[..., None].expand(-1, -1, h.shape[-1]))  # (T, k, r)
+        gram = b.float().T @ b.float()  # here, while ZeRO-3 has B gathered
+        state.record_batched(
+            "contrastive",
+            partial(contrastive_losses, tau=self.tau),
+            pairs.flatten(0, 1),
+            gram,
+            experts.flatten(),
         )

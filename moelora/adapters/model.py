@@ -91,7 +91,7 @@ class AdaptedModel(nn.Module):
             out = self.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
             )
-        aux = {name: torch.stack(values).mean() for name, values in state.aux.items()}
+        aux = state.aux_losses()
         coef = self.method.aux_weights()
         weighted = [coef[name] * value for name, value in aux.items() if coef.get(name)]
         aux_loss = torch.stack(weighted).sum() if weighted else None

@@ -37,6 +37,8 @@ class RoutingState:
     task_weights: Tensor | None = None  # (batch, E) from the shared task gate
     collect_aux: bool = False
     aux: dict[str, list[Tensor]] = field(default_factory=dict)
+    batched: dict[str, tuple[Callable, list[tuple[Tensor, ...]]]] = field(default_factory=dict)
+    sampled_tokens: Tensor | None = None  # drawn once per forward, see `sample_tokens`
 
     def ids(self, key: str, batch: int) -> Tensor:
         values = getattr(self, key)
@@ -55,6 +57,34 @@ class RoutingState:
     def record(self, name: str, loss: Tensor) -> None:
         if self.collect_aux:
             self.aux.setdefault(name, []).append(loss)
+
+    def record_batched(self, name: str, losses: Callable, *inputs: Tensor) -> None:
+        """Record one layer's inputs to an aux loss that is computed for all layers at once
+        (`losses` takes each input stacked over layers and returns one loss per layer): one
+        batched computation instead of a few dozen small ops per layer."""
+        if self.collect_aux:
+            self.batched.setdefault(name, (losses, []))[1].append(inputs)
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Each recorded aux loss, averaged over the layers that recorded it."""
+        found = {name: torch.stack(values).mean() for name, values in self.aux.items()}
+        for name, (losses, inputs) in self.batched.items():
+            stacked = [torch.stack(values) for values in zip(*inputs, strict=True)]
+            found[name] = losses(*stacked).mean()
+        return found
+
+    def sample_tokens(self, x: Tensor, max_tokens: int) -> Tensor:
+        """Flat indices of at most `max_tokens` real tokens of x's (batch, seq), drawn at the
+        first call of a forward and reused by every later layer (and by a recomputation
+        under activation checkpointing), so that the layers' batched losses line up."""
+        if self.sampled_tokens is None:
+            tokens = torch.arange(x.shape[:-1].numel(), device=x.device)
+            mask = self.mask_for(x)
+            if mask is not None:
+                tokens = tokens[mask.reshape(-1)]
+            keep = torch.randperm(len(tokens), device=x.device)[:max_tokens]
+            self.sampled_tokens = tokens[keep]
+        return self.sampled_tokens
 
 
 class Routing:
@@ -105,7 +135,7 @@ class Routing:
                 calls += 1
                 if captured is None:
                     return function(*a, **k)
-                state = captured if calls == 1 else replace(captured, aux={})
+                state = captured if calls == 1 else replace(captured, aux={}, batched={})
                 with self.bind(state):
                     return function(*a, **k)
 

@@ -57,6 +57,7 @@ def predict_command(raw: DictConfig) -> None:
         settings.eval.max_new_tokens or data_cfg.max_target_length,
         accelerator,
         "predicting",
+        settings.eval.fold,
     )
     if not accelerator.is_main_process:
         return

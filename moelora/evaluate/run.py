@@ -110,7 +110,14 @@ def score_model(
     `eval.scorer` (see `score_rows`); writes predictions_<label>.jsonl into `out_dir`."""
     max_new = eval_cfg.max_new_tokens or max_target_length
     predictions = generate_answers(
-        model, tokenizer, rows, eval_cfg.batch_size, max_new, accelerator, f"scoring ({label})"
+        model,
+        tokenizer,
+        rows,
+        eval_cfg.batch_size,
+        max_new,
+        accelerator,
+        f"scoring ({label})",
+        eval_cfg.fold,
     )
     scored = score_rows(list(rows), predictions, eval_cfg)
     if accelerator.is_main_process:

@@ -35,7 +35,7 @@ def test_presets_keep_the_papers_values():
     assert molora.expert_scaling == 16 / 32 and molora.aux_loss_coef == 0.01
     contrastive = load_preset("contrastive")
     assert (contrastive.contrastive_tau, contrastive.contrastive_coef) == (0.1, 0.01)
-    assert contrastive.contrastive_tokens == 256
+    assert contrastive.contrastive_tokens == 64
     assert load_preset("modula").stages == ["universal", "domain", "router"]
 
 

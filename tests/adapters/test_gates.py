@@ -4,13 +4,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moelora.adapters import (
+    ExpertContrastive,
     Routing,
     RoutingState,
     TaskGate,
     TopKRouter,
-    expert_contrastive_loss,
+    contrastive_losses,
     load_balance_loss,
 )
 
@@ -59,14 +61,42 @@ def test_router_records_load_balance_on_real_tokens_only():
     assert loss.item() == pytest.approx((2 * 1.45 + 1.3) / 3, rel=1e-5)
 
 
+def expert_contrastive_loss(outputs, experts, tau):
+    """The loss's definition in output space (the first implementation), the reference for
+    the rank-space one: InfoNCE over L2-normalised outputs, positives share the expert."""
+    z = F.normalize(outputs.float(), dim=-1)
+    itself = torch.eye(len(z), dtype=torch.bool)
+    sim = (z @ z.T / tau).masked_fill(itself, float("-inf"))
+    log_prob = sim - sim.logsumexp(dim=1, keepdim=True)
+    positive = (experts[:, None] == experts[None, :]) & ~itself
+    count = positive.sum(1)
+    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(1) / count.clamp(min=1)
+    return per_anchor[count > 0].mean()
+
+
+def routed_contrastive_loss(h, b, experts, tau):
+    """One layer's loss through the batched computation."""
+    return contrastive_losses(h[None], (b.T @ b)[None], experts[None], tau)[0]
+
+
+def routed_pairs(num_pairs, num_experts, rank, d_out, seed=0):
+    """Random (h, B_cat, experts) and the outputs o = B_e h they stand for."""
+    torch.manual_seed(seed)
+    h = torch.randn(num_pairs, rank, requires_grad=True)
+    b = torch.randn(d_out, num_experts * rank, requires_grad=True)
+    experts = torch.arange(num_pairs) % num_experts
+    outputs = torch.einsum("mr,omr->mo", h, b.view(d_out, num_experts, rank)[:, experts])
+    return h, b, experts, outputs
+
+
 def test_contrastive_loss_is_positive_finite_and_differentiable():
-    torch.manual_seed(0)
-    outputs = torch.randn(24, 16, requires_grad=True)
-    experts = torch.arange(24) % 4
-    loss = expert_contrastive_loss(outputs, experts, tau=0.1)
+    h, b, experts, outputs = routed_pairs(24, 4, 3, 16)
+    loss = routed_contrastive_loss(h, b, experts, tau=0.1)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
-    assert torch.isfinite(outputs.grad).all() and outputs.grad.abs().sum() > 0
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+    torch.testing.assert_close(loss, expert_contrastive_loss(outputs, experts, 0.1))
 
 
 def test_contrastive_loss_is_lower_when_experts_are_distinct():
@@ -79,12 +109,14 @@ def test_contrastive_loss_is_lower_when_experts_are_distinct():
     assert expert_contrastive_loss(distinct, experts, tau) < expert_contrastive_loss(
         mixed, experts, tau
     )
-    # all outputs zero (B = 0 at init): uniform similarities, loss = log(M - 1) with zero grads
-    zero = torch.zeros(32, 16, requires_grad=True)
-    loss = expert_contrastive_loss(zero, experts, tau)
+    # B = 0 at init: every output is zero, similarities are uniform, loss = log(M - 1), and
+    # the gradients are finite
+    h = torch.randn(32, 4, requires_grad=True)
+    b = torch.zeros(16, 16, requires_grad=True)
+    loss = routed_contrastive_loss(h, b, experts, tau)
     loss.backward()
     assert loss.item() == pytest.approx(math.log(31), rel=1e-5)
-    assert torch.isfinite(zero.grad).all()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(b.grad).all()
 
 
 def test_task_gate_is_a_softmax_and_averages_several_tasks():
@@ -96,3 +128,55 @@ def test_task_gate_is_a_softmax_and_averages_several_tasks():
     mean = gate.embedding.weight[[0, 2]].mean(0)
     torch.testing.assert_close(both[0], gate.proj(mean).softmax(-1))
     torch.testing.assert_close(both[1], gate.weights(torch.tensor([1]))[0])
+
+
+def contrastive_in_output_space(h, g, b, tokens, tau):
+    """The first implementation, kept as the reference: every routed output o = B_e A_e x
+    is formed in d_out and compared there."""
+    num = g.shape[-1]
+    rank = h.shape[-1] // num
+    per_expert = torch.einsum(
+        "ner,oer->neo", h[tokens].view(-1, num, rank), b.view(b.shape[0], num, rank)
+    )
+    token, expert = (g[tokens] > 0).nonzero(as_tuple=True)
+    return expert_contrastive_loss(per_expert[token, expert], expert, tau)
+
+
+@pytest.mark.parametrize("max_tokens", [5, 256])
+def test_contrastive_in_rank_space_equals_the_output_space_loss_and_gradients(max_tokens):
+    """Two layers record into one forward's state: the batched loss is the mean of each
+    layer's loss in output space, on the same sampled tokens, with the same gradients."""
+    torch.manual_seed(0)
+    num, rank, d_out, tokens = 4, 3, 40, 30
+    mask = torch.ones(2, tokens // 2, dtype=torch.bool)
+    mask[1, -4:] = False  # padding: never sampled
+    layers = []
+    for _ in range(2):
+        h = torch.randn(2, tokens // 2, num * rank, requires_grad=True)
+        b = torch.randn(d_out, num * rank, requires_grad=True)
+        x = torch.randn(2, tokens // 2, 8)
+        routing = Routing()
+        with routing.bind(RoutingState(token_mask=mask)):
+            g = TopKRouter(8, num, 2)(x, routing).detach()
+        layers.append((h, g, b, x))
+    state = RoutingState(token_mask=mask, collect_aux=True)
+    torch.manual_seed(1)
+    for h, g, b, x in layers:
+        ExpertContrastive(num, top_k=2, tau=0.1, max_tokens=max_tokens)(h, g, b, state, x)
+    fast = state.aux_losses()["contrastive"]
+    inputs = [t for h, _, b, _ in layers for t in (h, b)]
+    torch.manual_seed(1)  # the same sampled tokens, once for both layers
+    real = torch.arange(tokens)[mask.reshape(-1)]
+    sampled = real[torch.randperm(len(real))[:max_tokens]]
+    reference = torch.stack(
+        [
+            contrastive_in_output_space(
+                h.reshape(-1, num * rank), g.reshape(-1, num), b, sampled, 0.1
+            )
+            for h, g, b, _ in layers
+        ]
+    ).mean()
+    torch.testing.assert_close(fast, reference)
+    expected = torch.autograd.grad(reference, inputs)
+    for got, want in zip(torch.autograd.grad(fast, inputs), expected, strict=True):
+        torch.testing.assert_close(got, want)

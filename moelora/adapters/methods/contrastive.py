@@ -16,7 +16,9 @@ class ContrastiveConfig(MoloraConfig):
     name: str = setting("contrastive", "contrastive")
     contrastive_coef: float = setting("Weight of the experts' InfoNCE loss.", 0.01)
     contrastive_tau: float = setting("InfoNCE temperature.", 0.1)
-    contrastive_tokens: int = setting("Most tokens sampled per layer for the loss.", 256)
+    contrastive_tokens: int = setting(
+        "Most tokens sampled per forward (shared by all layers) for the loss.", 64
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,6 +38,6 @@ class ContrastiveMoELoRA(MoLoRA):
         parts = super().layer_parts(d_in, num_tasks, num_domains)
         config = self.config
         parts.contrastive = ExpertContrastive(
-            config.num_experts, config.contrastive_tau, config.contrastive_tokens
+            config.num_experts, config.top_k, config.contrastive_tau, config.contrastive_tokens
         )
         return parts
