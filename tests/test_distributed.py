@@ -159,16 +159,19 @@ def test_one_process_zero3_offload_trains_like_plain_one(reference: Path, tmp_pa
 
 
 def test_zero3_routed_experts_accumulation_checkpointing_and_resume(tmp_path: Path) -> None:
-    """molora's top-k routing sends each rank's tokens to different experts; the stacked, masked
-    computation still runs every expert's parameters, so ZeRO-3's prefetch never waits for a
-    module another rank skipped. Micro-batches of 2 x 2 accumulation x 2 processes equal one
-    process's batch of 8, with gradient checkpointing on and an eval-loss pass mid-run. Resume
-    from the DeepSpeed checkpoint equals the uninterrupted run."""
+    """molora's top-k routing sends each rank's tokens to different experts. Under ZeRO-3 the
+    layers compute only the chosen experts (`method.expert_compute=gather`); every expert is a
+    slice of one parameter, so each rank gathers and reduces the same parameters and ZeRO-3's
+    prefetch never waits for a module another rank skipped. Micro-batches of 2 x 2
+    accumulation x 2 processes equal one process's batch of 8 computed densely, with gradient
+    checkpointing on and an eval-loss pass mid-run. Resume from the DeepSpeed checkpoint
+    equals the uninterrupted run."""
     reference = tmp_path / "single"
-    single(reference, *MOLORA, "trainer.batch_size=8")
+    single(reference, *MOLORA, "method.expert_compute=dense", "trainer.batch_size=8")
     full = tmp_path / "zero3"
     saving = ["trainer.save_every=3", "trainer.keep_checkpoints=0"]
-    zero3 = [*MOLORA, "trainer.batch_size=2", "trainer.grad_accum=2", *saving]
+    zero3 = [*MOLORA, "method.expert_compute=gather", "trainer.batch_size=2", *saving]
+    zero3.append("trainer.grad_accum=2")
     launched(full, "zero3", *zero3, "trainer.gradient_checkpointing=true", "trainer.eval_every=3")
     assert_same_training(full, reference)
 

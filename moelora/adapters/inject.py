@@ -77,6 +77,7 @@ def build_layer(
         config.init,
         parts.group_sizes,
         parts.contrastive,
+        parts.gather,
     )
 
 

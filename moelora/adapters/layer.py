@@ -48,8 +48,11 @@ class GatedLoRALinear(nn.Module):
         dropout: dropout on the adapter input.
         init: "kaiming" (PEFT's kaiming-uniform, a=sqrt(5)) or "normal" (std 0.01); B starts at 0.
         group_sizes: experts per parameter group; default one group.
-        contrastive: optional aux loss on the experts' outputs, called with (h, g, B_cat, state, x)
-            while the routing state collects aux losses.
+        contrastive: optional aux loss on the experts' outputs, called with (rank_outputs, g,
+            B_cat, state, x) while the routing state collects aux losses; rank_outputs(tokens)
+            gives A_cat x of those flat token positions.
+        gather: with a per-token gate, compute only the chosen (token, expert) pairs' ranks
+            (`gathered`) instead of every expert's, masked.
     """
 
     def __init__(
@@ -63,12 +66,14 @@ class GatedLoRALinear(nn.Module):
         init: str = "kaiming",
         group_sizes: list[int] | None = None,
         contrastive: nn.Module | None = None,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.gate = gate
         self.routing = routing
         self.contrastive = contrastive
+        self.gather = gather
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.ranks = list(ranks)
         d_in, d_out = linear_dims(base_layer)
@@ -115,11 +120,43 @@ class GatedLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         a, b = self.stacked()
-        h = F.linear(self.dropout(x.to(a.dtype)), a)  # (..., R): every expert's A x at once
-        g = self.gate(x, self.routing)  # (..., E), broadcastable to h's leading dims
+        x_in = self.dropout(x.to(a.dtype))
+        g = self.gate(x, self.routing)  # (..., E), broadcastable to x's leading dims
+        flat = x_in.reshape(-1, x_in.shape[-1])
+        if self.gather and g.shape[:-1] == x.shape[:-1]:
+            delta = self.gathered(flat, g.reshape(-1, g.shape[-1]), a, b).view_as(result)
+
+            def rank_outputs(tokens: Tensor) -> Tensor:
+                return F.linear(flat[tokens], a)
+        else:
+            h = F.linear(x_in, a)  # (..., R): every expert's A x at once
+            delta = F.linear(self.weighted(h, g), b)
+
+            def rank_outputs(tokens: Tensor) -> Tensor:
+                return h.reshape(-1, h.shape[-1])[tokens]
+
         if self.contrastive is not None and self.routing.state.collect_aux:
-            self.contrastive(h, g, b, self.routing.state, x)
-        return result + F.linear(self.weighted(h, g), b).to(result.dtype)
+            self.contrastive(rank_outputs, g, b, self.routing.state, x)
+        return result + delta.to(result.dtype)
+
+    def gathered(self, x: Tensor, g: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """sum_e g_e s_e B_e A_e x over the (token, expert) pairs with g != 0 only: the pairs
+        are sorted by expert, and each expert multiplies just its tokens (x: (N, d_in),
+        g: (N, E)). Every expert's slice belongs to the one A_cat/B_cat parameter, so an expert
+        that gets no token still has a (zero) gradient and ZeRO-3 sees the same parameters."""
+        token, expert = g.nonzero(as_tuple=True)
+        order = expert.argsort(stable=True)
+        token, expert = token[order], expert[order]
+        weight = (g[token, expert] * self.expert_scale[expert]).to(x.dtype)
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        starts = accumulate([0, *self.ranks])
+        parts = []
+        for rows, start, rank in zip(x[token].split(counts), starts, self.ranks, strict=False):
+            if len(rows):
+                ranks = slice(start, start + rank)
+                parts.append(F.linear(F.linear(rows, a[ranks]), b[:, ranks]))
+        out = torch.cat(parts) * weight[:, None]
+        return x.new_zeros(len(x), b.shape[0]).index_add_(0, token, out)
 
     def weighted(self, h: Tensor, g: Tensor) -> Tensor:
         """h with each expert's ranks multiplied by g_e s_e. A per-token gate over experts of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch.nn.functional as F
@@ -85,9 +86,16 @@ class ExpertContrastive(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.tau, self.max_tokens = tau, max_tokens
 
-    def forward(self, h: Tensor, g: Tensor, b: Tensor, state: RoutingState, x: Tensor) -> None:
+    def forward(
+        self,
+        rank_outputs: Callable[[Tensor], Tensor],
+        g: Tensor,
+        b: Tensor,
+        state: RoutingState,
+        x: Tensor,
+    ) -> None:
         tokens = state.sample_tokens(x, self.max_tokens)
-        h = h.reshape(-1, self.num_experts, h.shape[-1] // self.num_experts)[tokens]
+        h = rank_outputs(tokens).unflatten(-1, (self.num_experts, -1))  # (T, E, r)
         experts = g.reshape(-1, self.num_experts)[tokens].topk(self.top_k, dim=-1).indices
         pairs = h.gather(1, experts[..., None].expand(-1, -1, h.shape[-1]))  # (T, k, r)
         gram = b.float().T @ b.float()  # here, while ZeRO-3 has B gathered

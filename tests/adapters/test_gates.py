@@ -162,7 +162,10 @@ def test_contrastive_in_rank_space_equals_the_output_space_loss_and_gradients(ma
     state = RoutingState(token_mask=mask, collect_aux=True)
     torch.manual_seed(1)
     for h, g, b, x in layers:
-        ExpertContrastive(num, top_k=2, tau=0.1, max_tokens=max_tokens)(h, g, b, state, x)
+        rank_outputs = h.reshape(-1, num * rank).__getitem__
+        ExpertContrastive(num, top_k=2, tau=0.1, max_tokens=max_tokens)(
+            rank_outputs, g, b, state, x
+        )
     fast = state.aux_losses()["contrastive"]
     inputs = [t for h, _, b, _ in layers for t in (h, b)]
     torch.manual_seed(1)  # the same sampled tokens, once for both layers

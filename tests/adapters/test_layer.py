@@ -48,19 +48,25 @@ def gate_setups():
         if case.startswith("modula"):
             stages = ["universal", "domain", None]
         for stage in stages:
-            yield pytest.param(case, stage, nn.Linear, id=f"{case}-{stage}")
-    yield pytest.param("lora", None, Conv1D, id="lora-conv1d")
-    yield pytest.param("molora", None, Conv1D, id="molora-conv1d")
+            yield pytest.param(case, stage, nn.Linear, {}, id=f"{case}-{stage}")
+    yield pytest.param("lora", None, Conv1D, {}, id="lora-conv1d")
+    yield pytest.param("molora", None, Conv1D, {}, id="molora-conv1d")
+    gather = {"expert_compute": "gather", "num_experts": 8}
+    yield pytest.param("molora", None, nn.Linear, gather, id="molora-gather")
+    yield pytest.param("molora", None, Conv1D, gather, id="molora-gather-conv1d")
+    yield pytest.param("contrastive", None, nn.Linear, gather, id="contrastive-gather")
 
 
 def make_base(kind) -> nn.Module:
     return nn.Linear(D_IN, D_OUT) if kind is nn.Linear else Conv1D(D_OUT, D_IN)
 
 
-@pytest.mark.parametrize(("case", "stage", "kind"), list(gate_setups()))
-def test_fused_equals_per_expert_loop(case, stage, kind):
+@pytest.mark.parametrize(("case", "stage", "kind", "extra"), list(gate_setups()))
+def test_fused_equals_per_expert_loop(case, stage, kind, extra):
     torch.manual_seed(0)
-    config = make_config(case, **({"dense_targets": []} if "dense_targets" in CASES[case] else {}))
+    if "dense_targets" in CASES[case]:
+        extra = {"dense_targets": [], **extra}
+    config = make_config(case, **extra)
     routing = Routing()
     layer = build_layer(make_base(kind), config, routing, NUM_TASKS, NUM_DOMAINS)
     layer.requires_grad_(True)
@@ -83,6 +89,7 @@ def test_fused_equals_per_expert_loop(case, stage, kind):
         return out, grads
 
     fused, fused_grads = run(lambda: layer(x))
+    assert layer.gather == (extra.get("expert_compute") == "gather")
     loop, loop_grads = run(lambda: loop_reference(layer, x, routing))
     torch.testing.assert_close(fused, loop)
     assert any(g is not None and g.abs().sum() > 0 for g in fused_grads[1:])
@@ -90,6 +97,56 @@ def test_fused_equals_per_expert_loop(case, stage, kind):
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want)
+
+
+def test_gathered_experts_that_get_no_token_have_zero_gradients():
+    """ZeRO-3 needs every parameter in the backward: an expert no token chose still gets a
+    gradient (zero), because its ranks are a slice of the one A_cat/B_cat parameter."""
+    torch.manual_seed(0)
+    config = make_config("molora", dense_targets=[], num_experts=8, expert_compute="gather")
+    routing = Routing()
+    layer = build_layer(nn.Linear(D_IN, D_OUT), config, routing, NUM_TASKS, NUM_DOMAINS)
+    layer.requires_grad_(True)
+    layer.base_layer.requires_grad_(False)
+    nn.init.normal_(layer.lora_B_0, std=0.1)
+    with torch.no_grad():  # experts 2..7 are never in the top 2
+        layer.gate.proj.weight.zero_()
+        layer.gate.proj.bias.copy_(torch.tensor([5.0, 4.0, *[-5.0] * 6]))
+    with routing.bind(RoutingState()):
+        layer(torch.randn(2, 5, D_IN)).sum().backward()
+    rank = layer.ranks[0]
+    a_grad, b_grad = layer.lora_A_0.grad, layer.lora_B_0.grad
+    assert a_grad[: 2 * rank].abs().sum() > 0 and b_grad[:, : 2 * rank].abs().sum() > 0
+    assert torch.equal(a_grad[2 * rank :], torch.zeros_like(a_grad[2 * rank :]))
+    assert torch.equal(b_grad[:, 2 * rank :], torch.zeros_like(b_grad[:, 2 * rank :]))
+
+
+@pytest.mark.parametrize("case", ["molora", "contrastive"])
+def test_gathered_model_has_the_dense_losses_and_gradients(case):
+    """The whole model in training: LM loss, load balance, contrastive loss (whose rank
+    outputs the gathered layer computes for the sampled tokens only) and every gradient."""
+    dense = adapted(case, expert_compute="dense")
+    gathered = copy.deepcopy(dense)
+    for layer in gathered.adapted_layers.values():
+        layer.gather = True
+    inputs = batch(rows=3, length=7)
+
+    def step(model):
+        torch.manual_seed(0)
+        model.train()
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_adapter_parameters() if p.grad is not None}
+        return out, grads
+
+    (want, want_grads), (got, got_grads) = step(dense), step(gathered)
+    torch.testing.assert_close(got.loss, want.loss)
+    assert got.aux_losses.keys() == want.aux_losses.keys()
+    for name, value in want.aux_losses.items():
+        torch.testing.assert_close(got.aux_losses[name], value)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, msg=name)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

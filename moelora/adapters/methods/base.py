@@ -24,6 +24,7 @@ class LayerParts:
     gate: nn.Module  # (x, routing) -> g over the experts
     group_sizes: list[int] | None = None  # experts per parameter group (stages freeze groups)
     contrastive: nn.Module | None = None  # an aux loss on the experts' outputs
+    gather: bool = False  # a per-token gate computes only its chosen experts' ranks
 
 
 class Method:
