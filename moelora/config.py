@@ -183,6 +183,9 @@ class TrainerConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer of the base (with its adapters) for training; the first
+    # steps compile (minutes on a CPU). Measured in BENCHMARKS.md.
+    compile: bool = False
     log_every: int = 10
     eval_every: int = 0  # eval loss every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)

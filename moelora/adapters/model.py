@@ -84,6 +84,8 @@ class AdaptedModel(nn.Module):
         trainer computing its own LM loss) and `aux_losses` (unweighted, detached, for logging;
         each averaged over layers). Aux losses are collected in training mode only.
         """
+        if labels is not None:  # a loss, not decoding: no KV cache to build (or to compile)
+            kwargs.setdefault("use_cache", False)
         state = self.routing_state(task_ids, domain_ids, attention_mask, self.training)
         if self.training:
             attach_checkpointing(self.base_model, self.routing)
@@ -128,6 +130,26 @@ class AdaptedModel(nn.Module):
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         attach_checkpointing(base, self.routing)
+
+    def compile_layers(self, **options) -> list[str]:
+        """`torch.compile` each repeated block of the base in place (the classes its
+        `_no_split_modules` names, the decoder layers), adapters included: one graph serves
+        every layer, names and state dict keys stay as they are. Returns the compiled classes.
+        Methods whose routers record aux losses recompile per layer (see `load_train_config`).
+        `options` go to `torch.compile` (e.g. backend).
+        """
+        blocks = set(getattr(self.base_model, "_no_split_modules", None) or [])
+        compiled = set()
+        for module in self.base_model.modules():
+            if type(module).__name__ in blocks:
+                module.compile(**options)
+                compiled.add(type(module).__name__)
+        if not compiled:
+            raise ValueError(
+                f"{type(self.base_model).__name__} names no repeated block to compile "
+                "(_no_split_modules); set trainer.compile=false."
+            )
+        return sorted(compiled)
 
     # -- training stages and parameters ------------------------------------------------------
     def set_stage(self, stage: str | None, domains: Iterable[int] | None = None) -> None:

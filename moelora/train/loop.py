@@ -100,6 +100,12 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
             f"pass trainer.init_adapter_from=<that run's directory>."
         )
     inference_stage(cfg.method.name, cfg.eval.force_domain)  # refuses a misplaced override
+    if cfg.trainer.compile and method.aux_losses:
+        raise UserError(
+            f"trainer.compile=true cannot serve {cfg.method.name}: its routers append aux losses "
+            "to one list per forward, which torch.compile specializes per layer (a recompile "
+            "each, then eager); use it with lora or moelora, or set trainer.compile=false."
+        )
     stages = method.stages()
     if cfg.hardware.strategy == "deepspeed" and len(stages) > 1:
         raise UserError(
@@ -220,6 +226,11 @@ def build(run: Run) -> None:
         raise UserError(str(err)) from None
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+    if cfg.trainer.compile:
+        try:
+            log.info(f"trainer.compile: compiling each {', '.join(model.compile_layers())}")
+        except ValueError as err:  # a base without repeated blocks
+            raise UserError(str(err)) from None
     if not cfg.hardware.quantization:  # a 4-bit base is placed while loading
         model.to(accelerator.device)
     if (live_deepspeed := deepspeed_of(accelerator)) is not None:
