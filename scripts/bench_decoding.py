@@ -19,13 +19,12 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
+from bench_adapters import build_base  # the same Llama-style base, from this folder
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from moelora.adapters import AdaptedModel, AdapterConfig
 from moelora.evaluate.generate import generate_answers
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS: dict[str, dict] = {
     "lora r16": {"name": "lora", "rank_per_expert": 16},
     "moelora E8 r2": {"name": "moelora", "num_experts": 8, "total_rank": 16},
@@ -42,20 +41,6 @@ class TokenIds:
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
         return [" ".join(map(str, row.tolist())) for row in sequences]
-
-
-def build_base(args: argparse.Namespace) -> torch.nn.Module:
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(args.hidden // 64, 1),
-        num_key_value_heads=max(args.hidden // 128, 1),
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config)
 
 
 def prompts(args: argparse.Namespace) -> Dataset:
