@@ -68,3 +68,34 @@ def test_layers_are_grouped_by_depth_thirds() -> None:
     paths = [f"model.layers.{i}.mlp.up_proj" for i in range(6)]
     assert list(depth_groups(paths).values()) == ["first"] * 2 + ["middle"] * 2 + ["last"] * 2
     assert set(depth_groups(paths[:2]).values()) == {"all"}
+
+
+def test_expert_similarity_equals_the_cosines_of_outputs_computed_directly() -> None:
+    """The mean pairwise cosine of the experts' outputs B_e A_e x on the same real tokens, over
+    tokens and layers, against the outputs formed expert by expert."""
+    model = adapted("moelora_layer_gate")
+    inputs = batch(rows=3, length=5)
+    inputs_seen: dict[str, torch.Tensor] = {}
+    handles = [
+        layer.register_forward_hook(
+            lambda module, args, out, path=path: inputs_seen.__setitem__(path, args[0])
+        )
+        for path, layer in model.adapted_layers.items()
+    ]
+    report = collect_routing(model, [inputs], TASKS)
+    for handle in handles:
+        handle.remove()
+    mask = inputs["attention_mask"].bool()
+    per_layer = []
+    for path, layer in model.adapted_layers.items():
+        x = inputs_seen[path][mask]
+        a, b = layer.stacked()
+        r = layer.ranks[0]
+        outputs = torch.stack(
+            [x @ a[e * r : (e + 1) * r].T @ b[:, e * r : (e + 1) * r].T for e in range(4)], 1
+        )
+        z = torch.nn.functional.normalize(outputs, dim=-1)
+        cosine = z @ z.transpose(1, 2)  # (tokens, 4, 4)
+        per_layer.append((cosine.sum((1, 2)) - 4).mean() / 12)
+    expected = float(torch.stack(per_layer).mean())
+    assert report["groups"]["all"]["expert_similarity"] == pytest.approx(expected, abs=1e-5)

@@ -5,7 +5,12 @@ from moelora.adapters.export import export_peft_adapter, fixed_gates, merge_adap
 from moelora.adapters.gates import DomainGate, SharedTaskWeights, TaskGate, TopKRouter, UnitGate
 from moelora.adapters.inject import build_layer, find_targets, inject_adapters
 from moelora.adapters.layer import GatedLoRALinear
-from moelora.adapters.losses import ExpertContrastive, contrastive_losses, load_balance_loss
+from moelora.adapters.losses import (
+    ExpertContrastive,
+    contrastive_losses,
+    importance_loss,
+    load_balance_loss,
+)
 from moelora.adapters.methods import (
     LayerParts,
     Method,
@@ -41,6 +46,7 @@ __all__ = [
     "inject_adapters",
     "load_adapter",
     "load_adapter_weights",
+    "importance_loss",
     "load_balance_loss",
     "merge_adapter",
     "method_names",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora.adapters.losses import load_balance_loss
+from moelora.adapters.losses import importance_loss, load_balance_loss
 from moelora.adapters.routing import Routing, expand_rows
 
 
@@ -75,7 +75,9 @@ class SharedTaskWeights(nn.Module):
 class TopKRouter(nn.Module):
     """molora/contrastive: logits = Linear(d_in -> E)(x) per token, keep the top k, softmax them.
 
-    Records the load-balancing loss (padding tokens excluded) while the state collects aux losses.
+    Records the Switch load-balancing loss (padding tokens excluded) while the state collects aux
+    losses; a dense router (top_k = E), for which that loss is constant, records the importance
+    loss (CV^2) instead, under the same `aux_loss_coef`.
     """
 
     static = False
@@ -90,8 +92,10 @@ class TopKRouter(nn.Module):
         top, chosen = logits.topk(self.top_k, dim=-1)
         g = torch.zeros_like(logits).scatter(-1, chosen, top.softmax(-1))
         state = routing.state
-        if state.collect_aux:
+        if state.collect_aux and self.top_k < logits.shape[-1]:
             state.record("load_balance", load_balance_loss(logits, chosen, state.mask_for(x)))
+        elif state.collect_aux and logits.shape[-1] > 1:  # dense: the Switch loss is constant
+            state.record("importance", importance_loss(logits, state.mask_for(x)))
         return g
 
 

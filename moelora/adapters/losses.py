@@ -33,6 +33,27 @@ def load_balance_loss(logits: Tensor, chosen: Tensor, mask: Tensor | None = None
     return num_experts * (fraction * (probs * weight).sum(0) / tokens).sum()
 
 
+def importance_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The importance loss of dense routers (Shazeer et al. 2017): CV^2 of the experts'
+    importance I_i = sum over real tokens of softmax(logits)_i, i.e. Var(I) / Mean(I)^2.
+
+    It is 0 when every expert gets the same total weight and E - 1 when one expert takes it
+    all. A router that keeps every expert (top_k = E) sends each token to all of them, so the
+    Switch loss's fraction f_i is 1/E for every expert and that loss is the constant 1; this
+    one still has a gradient.
+
+    Args:
+        logits: router logits (..., E).
+        mask: bool (...) with True on tokens that count, or None for all.
+    """
+    num_experts = logits.shape[-1]
+    probs = logits.float().softmax(-1).reshape(-1, num_experts)
+    if mask is not None:
+        probs = probs * mask.reshape(-1, 1).to(probs.dtype)
+    importance = probs.sum(0)
+    return importance.var(unbiased=False) / importance.mean().pow(2).clamp(min=1e-12)
+
+
 def contrastive_losses(h: Tensor, gram: Tensor, experts: Tensor, tau: float) -> Tensor:
     """InfoNCE over the outputs o_m = B_e A_e x of routed (token, expert) pairs, for L layers
     at once: positives share the expert, negatives do not. For anchor a with positives P(a)

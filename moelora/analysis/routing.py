@@ -1,4 +1,5 @@
-"""What the gates do: mean gate weight per task and expert, selection shares, balance, entropy.
+"""What the gates do: mean gate weight per task and expert, selection shares, balance, entropy,
+and how alike the experts' outputs are (the contrastive loss is meant to push them apart).
 
 One teacher-forced pass over the eval rows with a hook on every adapted layer's gate. Each
 token of each row counts once per layer (padding left out); a row-level gate (moelora's task
@@ -39,6 +40,8 @@ class LayerGroupSums:
     normalised: Tensor | None = None  # (E,) summed normalised weights
     entropy: float = 0.0  # summed per-token entropy of the normalised weights
     count: int = 0  # tokens x layers
+    similarity: float = 0.0  # summed per-token mean pairwise cosine of the experts' outputs
+    similarity_count: int = 0  # tokens x layers
 
     def add(self, tasks: list[str], g: Tensor, mask: Tensor) -> None:
         """g: (batch, seq, E) gate weights, mask: (batch, seq) real tokens."""
@@ -56,6 +59,13 @@ class LayerGroupSums:
         self.entropy += float(-(p * p.clamp_min(1e-12).log()).sum())
         self.count += real.shape[0]
 
+    def add_similarity(self, cosine: Tensor) -> None:
+        """cosine: (tokens, E, E) of the experts' outputs on the same real tokens."""
+        experts = cosine.shape[-1]
+        off_diagonal = cosine.sum((1, 2)) - cosine.diagonal(dim1=1, dim2=2).sum(-1)
+        self.similarity += float(off_diagonal.sum()) / (experts * (experts - 1))
+        self.similarity_count += cosine.shape[0]
+
     def result(self) -> dict:
         tasks = sorted(self.weight)
         experts = self.normalised.numel()
@@ -68,6 +78,7 @@ class LayerGroupSums:
             "load_balance_cv2": float(share.var(unbiased=False) / share.mean().pow(2)),
             "entropy": self.entropy / max(self.count, 1),
             "entropy_max": math.log(experts),
+            "expert_similarity": self.similarity / max(self.similarity_count, 1),
         }
 
 
@@ -81,6 +92,21 @@ def depth_groups(paths: list[str]) -> dict[str, str]:
     names = ("first", "middle", "last")
     third = {b: names[min(3 * i // len(blocks), 2)] for i, b in enumerate(blocks)}
     return {p: third[index[p]] for p in paths}
+
+
+@torch.no_grad()
+def expert_cosines(layer, x: Tensor) -> Tensor:
+    """(tokens, E, E): cosine similarity of the experts' outputs o_e = B_e A_e x on each token
+    of x (tokens, d_in), whether the gate chose them or not. In rank space: with u_e = A_e x in
+    expert e's slots of the R ranks, o_e . o_f = u_e^T (B^T B) u_f."""
+    a, b = layer.stacked()
+    h = x.to(a.dtype) @ a.T  # (tokens, R)
+    slots = torch.nn.functional.one_hot(layer.expert_of_rank, layer.num_experts).T.to(h.dtype)
+    u = h[:, None, :] * slots  # (tokens, E, R)
+    projected = u @ (b.T @ b)
+    dots = projected @ u.transpose(1, 2)  # (tokens, E, E)
+    norms = dots.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()
+    return (dots / (norms[:, :, None] * norms[:, None, :])).float().cpu()
 
 
 def expand_gate(g: Tensor, batch: int, seq: int) -> Tensor:
@@ -113,7 +139,19 @@ def collect_routing(model, batches, task_names: list[str]) -> dict | None:
 
         return record
 
+    def similarity_hook(path: str):
+        def record(module, args, output) -> None:
+            x, mask = args[0], current["mask"]
+            if x.shape[:-1] != mask.shape:  # not a full-sequence forward
+                return
+            cosine = expert_cosines(module, x[mask.to(x.device).bool()])
+            for name in {"all", group_of[path]}:
+                groups[name].add_similarity(cosine)
+
+        return record
+
     handles = [layer.gate.register_forward_hook(hook(p)) for p, layer in layers.items()]
+    handles += [layer.register_forward_hook(similarity_hook(p)) for p, layer in layers.items()]
     was_training = model.training
     model.eval()
     try:

@@ -13,6 +13,7 @@ from moelora.adapters import (
     TaskGate,
     TopKRouter,
     contrastive_losses,
+    importance_loss,
     load_balance_loss,
 )
 
@@ -46,6 +47,36 @@ def test_load_balance_loss_matches_hand_computation(top_k, expected):
     chosen = logits.topk(top_k, dim=-1).indices
     loss = load_balance_loss(logits, chosen, MASK)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_importance_loss_matches_hand_computation():
+    # real tokens' probabilities sum to I = [1.45, 1.3, 0.25]: mean 1, variance
+    # (0.45^2 + 0.3^2 + 0.75^2) / 3 = 0.285, so CV^2 = 0.285
+    assert importance_loss(PROBS.log(), MASK).item() == pytest.approx(0.285, rel=1e-5)
+    uniform = torch.zeros(5, 3)
+    assert importance_loss(uniform).item() == pytest.approx(0.0, abs=1e-7)
+    collapsed = torch.tensor([[30.0, 0.0, 0.0]] * 4)
+    assert importance_loss(collapsed).item() == pytest.approx(2.0, rel=1e-5)  # E - 1
+
+
+def test_a_dense_router_records_the_importance_loss_with_a_gradient():
+    """With top_k = E the Switch loss is the constant 1 (every expert gets every token); the
+    router records the importance loss instead, and it moves the router's weights."""
+    torch.manual_seed(0)
+    router = TopKRouter(8, 3, top_k=3)
+    x = torch.randn(2, 4, 8)
+    state = RoutingState(collect_aux=True)
+    routing = Routing()
+    with routing.bind(state):
+        router(x, routing)
+    assert set(state.aux) == {"importance"}
+    (loss,) = state.aux["importance"]
+    logits = router.proj(x)
+    torch.testing.assert_close(loss, importance_loss(logits))
+    switch = load_balance_loss(logits, logits.topk(3, dim=-1).indices)
+    assert switch.item() == pytest.approx(1.0, rel=1e-6)  # the constant it replaces
+    loss.backward()
+    assert router.proj.weight.grad.abs().sum() > 0
 
 
 def test_router_records_load_balance_on_real_tokens_only():

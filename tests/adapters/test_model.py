@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelora.adapters import AdaptedModel, load_adapter, save_adapter
+from moelora.adapters import AdaptedModel, AdapterConfig, load_adapter, save_adapter
 from tests.adapters.adapter_cases import (
     CASES,
     NUM_DOMAINS,
@@ -45,11 +45,13 @@ def test_loss_is_lm_loss_plus_weighted_aux_losses(case):
     model = adapted(case)
     out = train_step(model, batch())
     expected = {"molora": {"load_balance"}, "contrastive": {"load_balance", "contrastive"}}
-    expected |= {"modula": {"load_balance"}, "modula_res": {"load_balance"}}
+    # modula_res's router keeps every domain (dense): the importance loss, not Switch's
+    expected |= {"modula": {"load_balance"}, "modula_res": {"importance"}}
     assert set(out.aux_losses) == expected.get(case, set())
     config = model.config
     coef = {  # each method's config holds the weights of its own aux losses only
         "load_balance": getattr(config, "aux_loss_coef", None),
+        "importance": getattr(config, "aux_loss_coef", None),
         "contrastive": getattr(config, "contrastive_coef", None),
     }
     total = out.lm_loss + sum(coef[k] * v for k, v in out.aux_losses.items())
@@ -187,3 +189,21 @@ def test_compiled_layers_train_like_eager_ones():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("fields", "domains", "says"),
+    [
+        ({"name": "modula_res"}, 1, "modula_res's router has one candidate"),
+        ({"name": "molora", "num_experts": 1, "top_k": 1}, 1, "molora has one expert"),
+        ({"name": "modula_res"}, 2, None),
+    ],
+)
+def test_a_balance_loss_with_nothing_to_balance_is_said(fields, domains, says, capsys):
+    config = AdapterConfig.coerce({"dropout": 0.0, **fields})
+    AdaptedModel(tiny_llama(), config, NUM_TASKS, domains)
+    printed = capsys.readouterr().out
+    if says is None:
+        assert "nothing to balance" not in printed
+    else:
+        assert f"has nothing to balance: {says}" in printed

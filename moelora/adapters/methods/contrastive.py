@@ -32,7 +32,11 @@ class ContrastiveConfig(MoloraConfig):
 class ContrastiveMoELoRA(MoLoRA):
     name = "contrastive"
     config_class = ContrastiveConfig
-    aux_losses = {"load_balance": "aux_loss_coef", "contrastive": "contrastive_coef"}
+    aux_losses = {
+        "load_balance": "aux_loss_coef",
+        "importance": "aux_loss_coef",
+        "contrastive": "contrastive_coef",
+    }
 
     def layer_parts(self, d_in: int, num_tasks: int, num_domains: int) -> LayerParts:
         parts = super().layer_parts(d_in, num_tasks, num_domains)

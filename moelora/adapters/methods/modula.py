@@ -11,6 +11,9 @@ from torch import nn
 from moelora.adapters.config import AdapterConfig, fail, setting
 from moelora.adapters.gates import DomainGate
 from moelora.adapters.methods.base import LayerParts, Method, register_method
+from moelora.log import get_logger
+
+log = get_logger(__name__)
 
 STAGES = ("universal", "domain", "router")
 
@@ -60,7 +63,7 @@ class MoDULA(Method):
     name = "modula"
     config_class = ModulaConfig
     uses_domains = True
-    aux_losses = {"load_balance": "aux_loss_coef"}
+    aux_losses = {"load_balance": "aux_loss_coef", "importance": "aux_loss_coef"}
     export_per = "domain"
     stage_names = STAGES
     forced_stage = "domain"
@@ -71,6 +74,15 @@ class MoDULA(Method):
         ranks = [config.universal_rank] + [config.domain_rank] * num_domains
         gate = DomainGate(d_in, num_domains, self.residual, config.router_top_k)
         return LayerParts(ranks, [config.scaling(r) for r in ranks], gate, [1] * len(ranks))
+
+    def check_sizes(self, num_tasks: int, num_domains: int) -> None:
+        super().check_sizes(num_tasks, num_domains)
+        candidates = num_domains if self.residual else num_domains + 1
+        if candidates == 1 and self.config.aux_loss_coef > 0:
+            log.info(
+                f"note: method.aux_loss_coef={self.config.aux_loss_coef} has nothing to balance: "
+                f"{self.name}'s router has one candidate (one domain)."
+            )
 
     def stages(self) -> list[str | None]:
         return list(self.config.stages) or [None]

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from moelora.adapters.config import ExpertConfig, check_choice, fail, setting
 from moelora.adapters.gates import TopKRouter
 from moelora.adapters.methods.base import LayerParts, Method, register_method
+from moelora.log import get_logger
+
+log = get_logger(__name__)
 
 GATHER_RANK_PER_CHOICE = 256  # `auto` gathers once num_experts * rank_per_expert >= this * top_k
 
@@ -37,8 +40,16 @@ class MoloraConfig(ExpertConfig):
 class MoLoRA(Method):
     name = "molora"
     config_class = MoloraConfig
-    aux_losses = {"load_balance": "aux_loss_coef"}
+    aux_losses = {"load_balance": "aux_loss_coef", "importance": "aux_loss_coef"}
     export_per = None
+
+    def check_sizes(self, num_tasks: int, num_domains: int) -> None:
+        super().check_sizes(num_tasks, num_domains)
+        if self.config.num_experts == 1 and self.config.aux_loss_coef > 0:
+            log.info(
+                f"note: method.aux_loss_coef={self.config.aux_loss_coef} has nothing to balance: "
+                f"{self.name} has one expert."
+            )
 
     def layer_parts(self, d_in: int, num_tasks: int, num_domains: int) -> LayerParts:
         config, num = self.config, self.config.num_experts
