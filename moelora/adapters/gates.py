@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora.adapters.losses import importance_loss, load_balance_loss
-from moelora.adapters.routing import Routing, expand_rows
+from moelora.adapters.routing import Routing, RoutingState, expand_rows
 
 
 def per_row(weights: Tensor, x: Tensor) -> Tensor:
@@ -87,15 +87,21 @@ class TopKRouter(nn.Module):
         self.proj = nn.Linear(d_in, num_experts)
         self.top_k = top_k
 
+    def logits(self, x: Tensor) -> Tensor:
+        return self.proj(x.to(self.proj.weight.dtype)).float()
+
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        logits = self.proj(x.to(self.proj.weight.dtype)).float()
+        return self.route(self.logits(x), routing.state, routing.state.mask_for(x))
+
+    def route(self, logits: Tensor, state: RoutingState, mask: Tensor | None) -> Tensor:
+        """g from the logits (..., E): the top k softmaxed, the rest 0; records the balance
+        loss over the unmasked positions."""
         top, chosen = logits.topk(self.top_k, dim=-1)
         g = torch.zeros_like(logits).scatter(-1, chosen, top.softmax(-1))
-        state = routing.state
         if state.collect_aux and self.top_k < logits.shape[-1]:
-            state.record("load_balance", load_balance_loss(logits, chosen, state.mask_for(x)))
+            state.record("load_balance", load_balance_loss(logits, chosen, mask))
         elif state.collect_aux and logits.shape[-1] > 1:  # dense: the Switch loss is constant
-            state.record("importance", importance_loss(logits, state.mask_for(x)))
+            state.record("importance", importance_loss(logits, mask))
         return g
 
 
@@ -103,12 +109,24 @@ class DomainGate(nn.Module):
     """modula/modula_res: expert 0 is universal, experts 1..D belong to the domains.
 
     The stage picks the gate: `universal` -> only the universal expert; `domain` -> the row's
-    domain expert (one-hot of domain_ids); `router`/None -> a token router over the candidates.
-    modula routes over [universal, domains]; modula_res routes over the domains and keeps the
-    universal expert always on (weight 1) as a residual.
+    domain expert (one-hot of domain_ids), and so does `router_warmup` while its router learns
+    the domains (`warm_up`); `router` and None -> the router over the candidates. modula routes
+    over [universal, domains]; modula_res routes over the domains and keeps the universal expert
+    always on (weight 1) as a residual.
+
+    `router_input="token"` routes each token from its own input (the paper's reading);
+    `"prompt"` routes each row once, from the mean input of its prompt tokens, and keeps those
+    weights for the tokens it generates.
     """
 
-    def __init__(self, d_in: int, num_domains: int, residual: bool, top_k: int | None) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        num_domains: int,
+        residual: bool,
+        top_k: int | None,
+        router_input: str = "token",
+    ) -> None:
         super().__init__()
         candidates = num_domains if residual else num_domains + 1
         if top_k is not None and top_k > candidates:
@@ -116,20 +134,62 @@ class DomainGate(nn.Module):
                 f"method.router_top_k={top_k} exceeds the {candidates} candidates; lower it."
             )
         self.router = TopKRouter(d_in, candidates, top_k or candidates)
-        self.num_domains, self.residual = num_domains, residual
+        self.num_domains, self.residual, self.router_input = num_domains, residual, router_input
         self.stage: str | None = None
 
     @property
     def static(self) -> bool:
-        return self.stage in ("universal", "domain")
+        return self.stage in ("universal", "domain", "router_warmup")
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        state = routing.state
         if self.stage == "universal":
             return F.one_hot(torch.tensor(0, device=x.device), self.num_domains + 1).float()
-        if self.stage == "domain":
-            domain = routing.state.ids("domain_ids", x.shape[0])
+        if self.stage in ("domain", "router_warmup"):
+            if self.stage == "router_warmup":
+                self.warm_up(x, state)
+            domain = state.ids("domain_ids", x.shape[0])
             g = F.one_hot(domain + 1, self.num_domains + 1).float()
             g[:, 0] = float(self.residual)
             return per_row(g, x)
-        g = self.router(x, routing)
+        g = self.row_route(x, state) if self.router_input == "prompt" else self.router(x, routing)
         return torch.cat([torch.ones_like(g[..., :1]), g], -1) if self.residual else g
+
+    def row_route(self, x: Tensor, state: RoutingState) -> Tensor:
+        """(batch, 1, candidates): one routing per row from its prompt's mean input, kept in
+        the state for the decoding steps that follow."""
+        pooled = state.prompt_mean(x)
+        if pooled is None:
+            kept = state.row_gates.get(id(self))
+            if kept is None:
+                raise ValueError(
+                    "method.router_input=prompt routes each row from its whole prompt: run "
+                    "the prompt through AdaptedModel.forward/generate with its attention_mask."
+                )
+            return per_row(kept, x)
+        g = self.router.route(self.router.logits(pooled), state, None)
+        state.row_gates[id(self)] = g
+        return per_row(g, x)
+
+    def warm_up(self, x: Tensor, state: RoutingState) -> None:
+        """`router_warmup` routes like `domain` (the stage-2 assignment) and trains the router
+        on the side: `router_supervision`, the cross-entropy of its logits (per row, or per
+        real token) against the row's domain candidate (modula's universal expert is 0)."""
+        if not state.collect_aux:
+            return
+        mask = None
+        if self.router_input == "prompt":
+            pooled = state.prompt_mean(x)
+            if pooled is None:
+                return
+            logits = self.router.logits(pooled)
+        else:
+            logits, mask = self.router.logits(x), state.mask_for(x)
+        target = state.ids("domain_ids", x.shape[0]) + (0 if self.residual else 1)
+        if logits.dim() == 3:
+            target = target[:, None].expand(logits.shape[:2])
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        )
+        weight = torch.ones_like(loss) if mask is None else mask.reshape(-1).to(loss.dtype)
+        state.record("router_supervision", (loss * weight).sum() / weight.sum().clamp(min=1))

@@ -54,8 +54,10 @@ class AdaptedModel(nn.Module):
         domain_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         collect_aux: bool = False,
+        labels: Tensor | None = None,
     ) -> RoutingState:
-        """The state the layers route by; the shared task gate is evaluated here, once."""
+        """The state the layers route by; the shared task gate is evaluated here, once. The
+        prompt is the real tokens without a label (all of them when generating)."""
         if task_ids is not None:
             task_ids = torch.as_tensor(task_ids, device=self.device).long()
         if domain_ids is not None:
@@ -67,7 +69,11 @@ class AdaptedModel(nn.Module):
             )
         weights = self.task_gate.weights(task_ids) if self.task_gate is not None else None
         mask = attention_mask.bool() if attention_mask is not None else None
-        return RoutingState(task_ids, domain_ids, mask, weights, collect_aux)
+        state = RoutingState(task_ids, domain_ids, mask, weights, collect_aux)
+        if mask is not None or labels is not None:
+            prompt = mask if mask is not None else torch.ones_like(labels, dtype=torch.bool)
+            state.prompt_mask = prompt if labels is None else prompt & (labels == -100)
+        return state
 
     def forward(
         self,
@@ -86,7 +92,7 @@ class AdaptedModel(nn.Module):
         """
         if labels is not None:  # a loss, not decoding: no KV cache to build (or to compile)
             kwargs.setdefault("use_cache", False)
-        state = self.routing_state(task_ids, domain_ids, attention_mask, self.training)
+        state = self.routing_state(task_ids, domain_ids, attention_mask, self.training, labels)
         if self.training:
             attach_checkpointing(self.base_model, self.routing)
         with self.routing.bind(state):
@@ -114,7 +120,7 @@ class AdaptedModel(nn.Module):
         **generate_kwargs,
     ) -> Tensor:
         """`base_model.generate` with the rows' ids bound; beams/returned sequences are expanded."""
-        with self.routing.bind(self.routing_state(task_ids, domain_ids)):
+        with self.routing.bind(self.routing_state(task_ids, domain_ids, attention_mask)):
             return self.base_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )

@@ -39,6 +39,8 @@ class RoutingState:
     aux: dict[str, list[Tensor]] = field(default_factory=dict)
     batched: dict[str, tuple[Callable, list[tuple[Tensor, ...]]]] = field(default_factory=dict)
     sampled_tokens: Tensor | None = None  # drawn once per forward, see `sample_tokens`
+    prompt_mask: Tensor | None = None  # bool (batch, seq): True on real prompt tokens
+    row_gates: dict[int, Tensor] = field(default_factory=dict)  # a row router's weights by gate
 
     def ids(self, key: str, batch: int) -> Tensor:
         values = getattr(self, key)
@@ -53,6 +55,16 @@ class RoutingState:
         """The padding mask if it lines up with x's token positions (not in cached decoding)."""
         mask = self.token_mask
         return mask if mask is not None and mask.shape == x.shape[:-1] else None
+
+    def prompt_mean(self, x: Tensor) -> Tensor | None:
+        """The mean of x (batch, seq, d) over each row's prompt tokens, or None when x is not
+        the whole prompt (a cached decoding step)."""
+        mask = self.prompt_mask
+        if mask is None or mask.shape[1] != x.shape[1]:
+            return None
+        mask = expand_rows(mask, x.shape[0], "the prompt mask")  # beams
+        weight = mask.unsqueeze(-1).to(x.dtype)
+        return (x * weight).sum(1) / weight.sum(1).clamp(min=1)
 
     def record(self, name: str, loss: Tensor) -> None:
         if self.collect_aux:

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moelora.adapters.config import AdapterConfig, fail, setting
+from moelora.adapters.config import AdapterConfig, check_choice, fail, setting
 from moelora.adapters.gates import DomainGate
 from moelora.adapters.methods.base import LayerParts, Method, register_method
 from moelora.log import get_logger
 
 log = get_logger(__name__)
 
-STAGES = ("universal", "domain", "router")
+STAGES = ("universal", "domain", "router_warmup", "router")
+ROUTERS = ("router_warmup", "router")  # the stages in which only the router trains
 
 
 @dataclass
@@ -24,12 +25,21 @@ class ModulaConfig(AdapterConfig):
     universal_rank: int = setting("Rank of the universal expert.", 8)
     domain_rank: int = setting("Rank of each domain expert.", 8)
     stages: list[str] = setting(
-        "Training stages in order, from universal | domain | router.", factory=list
+        "Training stages in order, from universal | domain | router_warmup | router.",
+        factory=list,
     )
     router_top_k: int | None = setting(
         "Candidates kept per token by the domain router; null = dense softmax.", None
     )
     aux_loss_coef: float = setting("Weight of the router's load-balancing loss; 0 = off.", 0.01)
+    router_input: str = setting(
+        "`token`: route each token from its own input (the paper); `prompt`: route each row "
+        "once from the mean input of its prompt tokens, for every token it has and generates.",
+        "token",
+    )
+    router_supervision_coef: float = setting(
+        "Weight of the cross-entropy to the row's domain in the router_warmup stage.", 1.0
+    )
     add_domains: list[str] = setting(
         "Domains added to an earlier run; only their experts (and the router) train.",
         factory=list,
@@ -41,6 +51,9 @@ class ModulaConfig(AdapterConfig):
             fail("modula needs universal_rank >= 1 and domain_rank >= 1.")
         if self.aux_loss_coef < 0:
             fail(f"aux_loss_coef={self.aux_loss_coef} must be at least 0 (0 = off).")
+        if self.router_supervision_coef < 0:
+            fail(f"router_supervision_coef={self.router_supervision_coef} must be at least 0.")
+        check_choice(self, "router_input", ("token", "prompt"))
         if self.router_top_k is not None and self.router_top_k < 1:
             fail(f"router_top_k={self.router_top_k} must be null or at least 1.")
         bad = [s for s in self.stages if s not in STAGES]
@@ -63,7 +76,11 @@ class MoDULA(Method):
     name = "modula"
     config_class = ModulaConfig
     uses_domains = True
-    aux_losses = {"load_balance": "aux_loss_coef", "importance": "aux_loss_coef"}
+    aux_losses = {
+        "load_balance": "aux_loss_coef",
+        "importance": "aux_loss_coef",
+        "router_supervision": "router_supervision_coef",
+    }
     export_per = "domain"
     stage_names = STAGES
     forced_stage = "domain"
@@ -72,7 +89,9 @@ class MoDULA(Method):
     def layer_parts(self, d_in: int, num_tasks: int, num_domains: int) -> LayerParts:
         config = self.config
         ranks = [config.universal_rank] + [config.domain_rank] * num_domains
-        gate = DomainGate(d_in, num_domains, self.residual, config.router_top_k)
+        gate = DomainGate(
+            d_in, num_domains, self.residual, config.router_top_k, config.router_input
+        )
         return LayerParts(ranks, [config.scaling(r) for r in ranks], gate, [1] * len(ranks))
 
     def check_sizes(self, num_tasks: int, num_domains: int) -> None:
@@ -91,21 +110,21 @@ class MoDULA(Method):
         return list(self.config.add_domains)
 
     def stage_rows(self, stage: str | None) -> str:
-        """The domain stage of an added domain sees only its rows; the router sees every domain
-        equally often, so it is not trained mostly on the largest one."""
+        """The domain stage of an added domain sees only its rows; the router (and its warm-up)
+        sees every domain equally often, so it is not trained mostly on the largest one."""
         if stage == "domain" and self.config.add_domains:
             return "added_domains"
-        return "balanced_domains" if stage == "router" else "mixture"
+        return "balanced_domains" if stage in ROUTERS else "mixture"
 
     def enter_stage(self, layer: nn.Module, stage: str | None, domains: set[int]) -> list:
         """universal: the universal expert trains; domain: the chosen domain experts, each row
-        gated to its own; router: only the router; None: everything, routed."""
+        gated to its own; router_warmup and router: only the router; None: everything, routed."""
         layer.gate.stage = stage
         if stage == "universal":
             return list(layer.group(0))
         if stage == "domain":
             return [p for d in domains for p in layer.group(d + 1)]
-        return list(layer.gate.parameters()) if stage == "router" else []
+        return list(layer.gate.parameters()) if stage in ROUTERS else []
 
 
 @register_method
