@@ -36,7 +36,9 @@ def test_presets_keep_the_papers_values():
     contrastive = load_preset("contrastive")
     assert (contrastive.contrastive_tau, contrastive.contrastive_coef) == (0.1, 0.01)
     assert contrastive.contrastive_tokens == 64
-    assert load_preset("modula").stages == ["universal", "domain", "router"]
+    modula = load_preset("modula")
+    assert modula.stages == ["universal", "domain", "router_warmup"]
+    assert modula.router_input == "prompt"
 
 
 def test_overriding_num_experts_rederives_the_rank_split():
