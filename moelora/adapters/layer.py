@@ -31,8 +31,10 @@ class GatedLoRALinear(nn.Module):
         y = W x + B_cat ( expand(g * s) * A_cat dropout(x) )
 
     where expand repeats expert e's weight over its r_e rows. The gate g (shape (..., E),
-    broadcastable over tokens) is the only per-method part; every expert's parameters take part
-    in every step (masked, never skipped), which keeps ZeRO-3's parameter gathering static.
+    broadcastable over tokens) is the only per-method part. Every expert's ranks are a slice of
+    the same parameters and take part in every step (masked by default; with `gather`, only the
+    chosen pairs are multiplied, and unchosen slices get zero gradients), which keeps ZeRO-3's
+    parameter gathering static.
 
     Experts are stored in parameter groups (`lora_A_i`, `lora_B_i`) so that a training stage can
     freeze some experts and train others (MoDULA); most methods use a single group. They are
