@@ -59,8 +59,7 @@ def merge_adapter(
     gates = fixed_gates(model, task_id, domain_id)
     base = model.base_model
     for name, layer in model.adapted_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent_name), child, layer.merge(gates[name]))
+        base.set_submodule(name, layer.merge(gates[name]))
     model.adapted_layers = {}
     return base
 

@@ -79,11 +79,9 @@ def folding(model: AdaptedModel) -> Iterator[Callable[[Hashable], None]]:
 
     try:
         for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent), child, layer.base_layer)
+            base.set_submodule(name, layer.base_layer)
         yield fold
     finally:
         restore()
         for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent), child, layer)
+            base.set_submodule(name, layer)

@@ -88,9 +88,9 @@ def inject_adapters(
     model.requires_grad_(False)
     layers = {}
     for name, dense in find_targets(model, config).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = build_layer(getattr(parent, child), config, routing, num_tasks, num_domains, dense)
-        setattr(parent, child, layer)
+        layer = build_layer(
+            model.get_submodule(name), config, routing, num_tasks, num_domains, dense
+        )
+        model.set_submodule(name, layer)
         layers[name] = layer
     return layers
