@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_TOY = REPO.parent / "shared" / "data" / "promptcblue_toy"
 # The smallest tiny base the end-to-end tests train: a 2-layer Llama of width 64.
 TINY_SHAPE = [
+    "model=tiny",
     "model.tiny.hidden_size=64",
     "model.tiny.intermediate_size=128",
     "model.tiny.num_layers=2",

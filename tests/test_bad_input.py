@@ -40,8 +40,14 @@ BAD_SETTINGS = [
     ("data.mixture.epoch_size=0", "data.mixture.epoch_size=0 is out of range"),
     ("hardware.num_processes=0", "hardware.num_processes=0 is out of range; set it at least 1"),
     ("hardware.main_process_port=70000", "hardware.main_process_port=70000 is out of range"),
-    ("model.tiny.num_heads=3", "model.tiny.hidden_size=256, num_heads=3 and num_kv_heads=2"),
-    ("model.tiny.num_layers=0", "model.tiny.num_layers=0 is out of range; set it at least 1"),
+    (
+        "model=tiny model.tiny.num_heads=3",
+        "model.tiny.hidden_size=256, num_heads=3 and num_kv_heads=2",
+    ),
+    (
+        "model=tiny model.tiny.num_layers=0",
+        "model.tiny.num_layers=0 is out of range; set it at least 1",
+    ),
     ("method.dropout=1.0", "method: dropout=1.0 must lie in [0, 1)"),
     ("method.alpha=0", "method: alpha=0"),
     ("method.rank_per_expert=0", "method: rank_per_expert=0 must be a positive integer"),

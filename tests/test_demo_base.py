@@ -1,0 +1,78 @@
+"""The shipped demo base (data/demo_base): it matches the shipped tokenizer and the tiny shape, and
+the text it was pretrained on never holds a dev complaint, a task's instruction or an answer."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+from moelora.config import TinyModelConfig
+from moelora.paths import DATA_DIR
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import build_demo_base  # noqa: E402  (a script beside build_demo_data, which it imports)
+import build_demo_data  # noqa: E402
+
+BASE = DATA_DIR / "demo_base"
+# What only the tasks' prompts and answers say (scripts/build_demo_data.py's templates).
+TASK_PHRASES = ("实体识别", "实体类型", "实体包含", "挂哪个科室", "选项：", "就诊建议", "建议到")
+TASK_PHRASES += ("同一组症状", "答：", "是的", "不是")
+
+
+def test_the_shipped_base_has_the_tiny_shape_and_the_shipped_vocabulary() -> None:
+    config = AutoConfig.from_pretrained(BASE)
+    shape = TinyModelConfig()
+    tokenizer = AutoTokenizer.from_pretrained(DATA_DIR / "tokenizer")
+    assert (config.hidden_size, config.num_hidden_layers) == (shape.hidden_size, shape.num_layers)
+    assert config.vocab_size == len(tokenizer)
+    weights = load_file(BASE / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].shape == (len(tokenizer), shape.hidden_size)
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    build_demo_base.HELD_OUT.update(build_demo_base.held_out())
+    rng = random.Random("test")
+    return [build_demo_base.document(rng) for _ in range(3000)]
+
+
+def test_the_pretraining_text_never_holds_a_dev_complaint(documents) -> None:
+    with (DATA_DIR / "demo" / "dev.jsonl").open(encoding="utf-8") as handle:
+        dev = {c for line in handle for c in build_demo_data.complaints_of(json.loads(line))}
+    assert len(dev) == 200
+    assert not [d for d in documents if any(c in d for c in dev)]
+
+
+def test_the_pretraining_text_never_holds_a_task_prompt_or_answer(documents) -> None:
+    assert not [d for d in documents if any(p in d for p in TASK_PHRASES)]
+    assert any("\n两段话症状的差别：" in d for d in documents)  # the comparing exercises
+    assert any("\n提到：" in d for d in documents)  # and the reading ones
+
+
+def test_a_reading_exercise_lists_the_terms_in_order_of_appearance() -> None:
+    text = build_demo_base.reading(random.Random(3))
+    complaint, terms = text.split("\n提到：")
+    names = terms.rstrip("。").split("、")
+    assert names and all(name in build_demo_base.TERMS for name in names)
+    assert [complaint.index(n) for n in names] == sorted(complaint.index(n) for n in names)
+
+
+def test_a_comparing_exercise_names_the_symptoms_only_one_side_has() -> None:
+    rng = random.Random(5)
+    for _ in range(50):
+        pair, answer = build_demo_base.comparing(rng).split("\n")
+        first, second = pair.removeprefix("“").removesuffix("”").split("”和“")
+        sets = [
+            set(build_demo_data.find_entities(t, build_demo_data.SYMPTOM_NAMES))
+            for t in (first, second)
+        ]
+        named = answer.removeprefix("两段话症状的差别：").rstrip("。")
+        assert (set(named.split("、")) if named != "无" else set()) == sets[0] ^ sets[1]
