@@ -35,8 +35,8 @@ from build_demo_data import (
     DRUGS,
     SYMPTOM_NAMES,
     SYMPTOMS,
-    _different_symptom_set,
     complaints_of,
+    different_symptom_set,
     find_entities,
     make_complaint,
 )
@@ -54,73 +54,76 @@ SYMPTOM_FACTS = (
 )
 DRUG_FACTS = ("{d}是一种常用药物。", "{d}是药物。", "药物{d}需按说明服用。")
 PART_FACTS = ("{p}是身体部位。", "{p}属于身体的一部分。")
-HELD_OUT: set[str] = set()  # filled by main()
 
 
-def held_out() -> set[str]:
+def dev_complaints() -> set[str]:
     """The dev set's complaints: never in the pretraining text, so dev scores stay honest."""
     with (DATA_DIR / "demo" / "dev.jsonl").open(encoding="utf-8") as handle:
         return {text for line in handle for text in complaints_of(json.loads(line))}
 
 
-def complaint(rng: random.Random, symptoms: list[str] | None = None) -> str:
-    """A fresh complaint from the demo's generator that is not one of the dev set's."""
-    while (text := make_complaint(rng, symptoms).text) in HELD_OUT:
-        pass
-    return text
+class Corpus:
+    """Seeded documents of the four kinds, drawn fresh for every batch (no repeats)."""
 
+    def __init__(self, seed: str, held_out: set[str]) -> None:
+        self.rng = random.Random(seed)
+        self.held_out = held_out
 
-def knowledge(rng: random.Random) -> str:
-    """Three to six facts about random entries of the world's tables."""
-    facts = []
-    for _ in range(rng.randint(3, 6)):
-        kind = rng.random()
+    def document(self) -> str:
+        kind = self.rng.random()
+        if kind < 0.15:
+            return self.complaint()
+        if kind < 0.35:
+            return self.knowledge()
         if kind < 0.6:
-            symptom = rng.choice(list(SYMPTOMS))
-            dept, drug = SYMPTOMS[symptom]
-            facts.append(rng.choice(SYMPTOM_FACTS).format(s=symptom, dept=dept, drug=drug))
-        elif kind < 0.8:
-            facts.append(rng.choice(DRUG_FACTS).format(d=rng.choice(DRUGS)))
+            return self.reading()
+        return self.comparing()
+
+    def complaint(self, symptoms: list[str] | None = None) -> str:
+        """A complaint from the demo's generator that is not one of the held-out ones."""
+        while (text := make_complaint(self.rng, symptoms).text) in self.held_out:
+            pass
+        return text
+
+    def knowledge(self) -> str:
+        """Three to six facts about random entries of the world's tables."""
+        rng, facts = self.rng, []
+        for _ in range(rng.randint(3, 6)):
+            kind = rng.random()
+            if kind < 0.6:
+                symptom = rng.choice(list(SYMPTOMS))
+                dept, drug = SYMPTOMS[symptom]
+                facts.append(rng.choice(SYMPTOM_FACTS).format(s=symptom, dept=dept, drug=drug))
+            elif kind < 0.8:
+                facts.append(rng.choice(DRUG_FACTS).format(d=rng.choice(DRUGS)))
+            else:
+                facts.append(rng.choice(PART_FACTS).format(p=rng.choice(BODY_PARTS)))
+        return "".join(facts)
+
+    def reading(self) -> str:
+        """A complaint, then the terms it mentions in order of appearance."""
+        text = self.complaint()
+        return f"{text}\n提到：{'、'.join(find_entities(text, TERMS))}。"
+
+    def comparing(self) -> str:
+        """Two complaints (half of them with the same symptoms in another order, the others
+        mostly a near miss), then the symptoms only one of them mentions, or 无."""
+        first = self.complaint()
+        found = find_entities(first, SYMPTOM_NAMES)
+        if self.rng.random() < 0.5:
+            symptoms = self.rng.sample(found, len(found))
         else:
-            facts.append(rng.choice(PART_FACTS).format(p=rng.choice(BODY_PARTS)))
-    return "".join(facts)
-
-
-def reading(rng: random.Random) -> str:
-    """A complaint, then the terms it mentions in order of appearance."""
-    text = complaint(rng)
-    return f"{text}\n提到：{'、'.join(find_entities(text, TERMS))}。"
-
-
-def comparing(rng: random.Random) -> str:
-    """Two complaints (half of them with the same symptoms in another order, the others mostly a
-    near miss), then the symptoms only one of them mentions, or 无."""
-    first = complaint(rng)
-    found = find_entities(first, SYMPTOM_NAMES)
-    if rng.random() < 0.5:
-        symptoms = rng.sample(found, len(found))
-    else:
-        symptoms = _different_symptom_set(rng, found)
-    texts = [first, complaint(rng, symptoms)]
-    found = [find_entities(text, SYMPTOM_NAMES) for text in texts]
-    only = [s for s in found[0] if s not in found[1]] + [s for s in found[1] if s not in found[0]]
-    return f"“{texts[0]}”和“{texts[1]}”\n两段话症状的差别：{'、'.join(only) or '无'}。"
-
-
-def document(rng: random.Random) -> str:
-    kind = rng.random()
-    if kind < 0.15:
-        return complaint(rng)
-    if kind < 0.35:
-        return knowledge(rng)
-    if kind < 0.6:
-        return reading(rng)
-    return comparing(rng)
+            symptoms = different_symptom_set(self.rng, found)
+        texts = [first, self.complaint(symptoms)]
+        found = [find_entities(text, SYMPTOM_NAMES) for text in texts]
+        only = [s for s in found[0] if s not in found[1]]
+        only += [s for s in found[1] if s not in found[0]]
+        return f"“{texts[0]}”和“{texts[1]}”\n两段话症状的差别：{'、'.join(only) or '无'}。"
 
 
 def pretrain(model, tokenizer, args: argparse.Namespace) -> None:
     """Full-parameter language modelling on freshly generated documents (no repeats)."""
-    rng = random.Random(f"demo-base-{args.seed}")
+    corpus = Corpus(f"demo-base-{args.seed}", dev_complaints())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -130,7 +133,7 @@ def pretrain(model, tokenizer, args: argparse.Namespace) -> None:
     model.train()
     started = time.perf_counter()
     for step in range(args.steps):
-        texts = [document(rng) + tokenizer.eos_token for _ in range(args.batch)]
+        texts = [corpus.document() + tokenizer.eos_token for _ in range(args.batch)]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels, use_cache=False).loss
@@ -154,7 +157,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    HELD_OUT.update(held_out())
     tokenizer = AutoTokenizer.from_pretrained(DATA_DIR / "tokenizer")
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(_tiny_config(TinyModelConfig(), tokenizer))

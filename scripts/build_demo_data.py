@@ -252,7 +252,7 @@ def _fresh_complaint(
     return complaint
 
 
-def _different_symptom_set(rng: random.Random, symptoms: Sequence[str]) -> list[str]:
+def different_symptom_set(rng: random.Random, symptoms: Sequence[str]) -> list[str]:
     """A symptom list whose *set* differs from ``symptoms``; mostly a near miss (hard negative)."""
     current = list(symptoms)
     others = [s for s in SYMPTOM_NAMES if s not in current]
@@ -271,7 +271,7 @@ def _different_symptom_set(rng: random.Random, symptoms: Sequence[str]) -> list[
     else:
         current = rng.sample(SYMPTOM_NAMES, rng.choice((1, 2, 3)))
     if set(current) == set(symptoms):  # "random" may hit the same set by chance
-        return _different_symptom_set(rng, symptoms)
+        return different_symptom_set(rng, symptoms)
     rng.shuffle(current)
     return current
 
@@ -295,7 +295,7 @@ def make_row(task: str, rng: random.Random, avoid: set[str], index: int) -> dict
             rng.shuffle(order)
             b = _fresh_complaint(rng, avoid | {a.text}, order)
         else:
-            b = _fresh_complaint(rng, avoid | {a.text}, _different_symptom_set(rng, a.symptoms))
+            b = _fresh_complaint(rng, avoid | {a.text}, different_symptom_set(rng, a.symptoms))
         if rng.random() < 0.5:
             a, b = b, a
         target = sts_target(a.symptoms, b.symptoms)

@@ -4,7 +4,6 @@ the text it was pretrained on never holds a dev complaint, a task's instruction 
 from __future__ import annotations
 
 import json
-import random
 import sys
 
 import pytest
@@ -39,9 +38,8 @@ def test_the_shipped_base_has_the_tiny_shape_and_the_shipped_vocabulary() -> Non
 
 @pytest.fixture(scope="module")
 def documents() -> list[str]:
-    build_demo_base.HELD_OUT.update(build_demo_base.held_out())
-    rng = random.Random("test")
-    return [build_demo_base.document(rng) for _ in range(3000)]
+    corpus = build_demo_base.Corpus("test", build_demo_base.dev_complaints())
+    return [corpus.document() for _ in range(3000)]
 
 
 def test_the_pretraining_text_never_holds_a_dev_complaint(documents) -> None:
@@ -58,7 +56,7 @@ def test_the_pretraining_text_never_holds_a_task_prompt_or_answer(documents) -> 
 
 
 def test_a_reading_exercise_lists_the_terms_in_order_of_appearance() -> None:
-    text = build_demo_base.reading(random.Random(3))
+    text = build_demo_base.Corpus("reading", set()).reading()
     complaint, terms = text.split("\n提到：")
     names = terms.rstrip("。").split("、")
     assert names and all(name in build_demo_base.TERMS for name in names)
@@ -66,9 +64,9 @@ def test_a_reading_exercise_lists_the_terms_in_order_of_appearance() -> None:
 
 
 def test_a_comparing_exercise_names_the_symptoms_only_one_side_has() -> None:
-    rng = random.Random(5)
+    corpus = build_demo_base.Corpus("comparing", set())
     for _ in range(50):
-        pair, answer = build_demo_base.comparing(rng).split("\n")
+        pair, answer = corpus.comparing().split("\n")
         first, second = pair.removeprefix("“").removesuffix("”").split("”和“")
         sets = [
             set(build_demo_data.find_entities(t, build_demo_data.SYMPTOM_NAMES))
