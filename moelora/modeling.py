@@ -120,7 +120,7 @@ def _load(
     return model
 
 
-def _tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
+def tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
     """The transformers config of the tiny model (its schema has checked the architecture)."""
     return AutoConfig.for_model(
         cfg.architecture,
@@ -161,7 +161,7 @@ def build_tiny_model(
         return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer))
+        model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer))
         if cfg.pretrain_steps:
             _warm_up(model, cfg, tokenizer)
             # A private temp folder and a tolerant rename: parallel sweep jobs or ranks may

@@ -43,7 +43,7 @@ from build_demo_data import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moelora.config import TinyModelConfig
-from moelora.modeling import _tiny_config
+from moelora.modeling import tiny_config
 from moelora.paths import DATA_DIR
 
 TERMS = (*SYMPTOMS, *DRUGS, *BODY_PARTS)
@@ -115,9 +115,8 @@ class Corpus:
         else:
             symptoms = different_symptom_set(self.rng, found)
         texts = [first, self.complaint(symptoms)]
-        found = [find_entities(text, SYMPTOM_NAMES) for text in texts]
-        only = [s for s in found[0] if s not in found[1]]
-        only += [s for s in found[1] if s not in found[0]]
+        a, b = (find_entities(text, SYMPTOM_NAMES) for text in texts)
+        only = [s for s in a if s not in b] + [s for s in b if s not in a]
         return f"“{texts[0]}”和“{texts[1]}”\n两段话症状的差别：{'、'.join(only) or '无'}。"
 
 
@@ -159,7 +158,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(DATA_DIR / "tokenizer")
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(_tiny_config(TinyModelConfig(), tokenizer))
+    model = AutoModelForCausalLM.from_config(tiny_config(TinyModelConfig(), tokenizer))
     pretrain(model, tokenizer, args)
     model.to(torch.float16).save_pretrained(args.out)  # half the size; loaded as float32
     print(f"wrote {args.out}")

@@ -3,7 +3,6 @@ the text it was pretrained on never holds a dev complaint, a task's instruction 
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -43,8 +42,7 @@ def documents() -> list[str]:
 
 
 def test_the_pretraining_text_never_holds_a_dev_complaint(documents) -> None:
-    with (DATA_DIR / "demo" / "dev.jsonl").open(encoding="utf-8") as handle:
-        dev = {c for line in handle for c in build_demo_data.complaints_of(json.loads(line))}
+    dev = build_demo_base.dev_complaints()
     assert len(dev) == 200
     assert not [d for d in documents if any(c in d for c in dev)]
 
