@@ -7,13 +7,16 @@
 #
 # OUT defaults to runs/compare_demo. LANES=2 runs the methods in two lanes side by side, one CPU
 # thread each (the demo's small matrices use a second thread poorly): about 50 minutes on 2 cores
-# instead of about 75 for one lane. Each method keeps its paper's layout; only the sizes are set:
+# instead of about 75 for one lane. Each method keeps its paper's layout; only the sizes are set,
+# and alpha so that every expert's scale s is 2 (lora's alpha 32 / rank 16): s multiplies an
+# expert's step size, and alpha 32 over a rank-2 expert (s = 16) collapses it (BENCHMARKS.md).
 #   lora         rank 16 on every Linear
-#   moelora      8 experts x rank 2 (total 16), one task-motivated gate
+#   moelora      8 experts x rank 2 (total 16), one task-motivated gate, s = 32 / 16
 #   molora       MING-MOE's layout: dense LoRA rank 6 on attention, 4 experts x rank 6 on the
-#                MLP, top-2 (4 layers x (1,792 x 6 + 2,304 x 24) = 264,192)
-#   contrastive  4 experts x rank 4 (total 16) on every Linear, top-2
-#   modula(_res) universal rank 8 + 4 domain experts x rank 2, the preset's three stages
+#                MLP, top-2 (4 layers x (1,792 x 6 + 2,304 x 24) = 264,192), s = 12 / 6
+#   contrastive  4 experts x rank 4 (total 16) on every Linear, top-2, s = 32 / 16
+#   modula(_res) universal rank 8 + 4 domain experts x rank 2, the preset's three stages,
+#                s = 20 / (8 + 2) for every expert
 set -euo pipefail
 out=${1:-runs/compare_demo}
 lanes=${2:-1}
@@ -29,12 +32,13 @@ sweep() {  # one method, three seeds: a Hydra multirun into $out/<method>
 lane_a() {
   sweep lora method.rank_per_expert=16
   sweep moelora method.total_rank=16
-  sweep molora method.rank_per_expert=6
+  sweep molora method.rank_per_expert=6 method.alpha=12
   sweep contrastive "method.target_modules=$all" method.total_rank=16
 }
 lane_b() {
-  sweep modula method.universal_rank=8 method.domain_rank=2
-  sweep modula_res method.universal_rank=8 method.domain_rank=2
+  local sizes=(method.universal_rank=8 method.domain_rank=2 method.scaling_rank=total method.alpha=20)
+  sweep modula "${sizes[@]}"
+  sweep modula_res "${sizes[@]}"
 }
 
 mkdir -p "$out"

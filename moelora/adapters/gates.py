@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora.adapters.losses import importance_loss, load_balance_loss
+from moelora.adapters.losses import importance_losses, load_balance_losses, token_weight
 from moelora.adapters.routing import Routing, RoutingState, expand_rows
 
 
@@ -77,7 +77,8 @@ class TopKRouter(nn.Module):
 
     Records the Switch load-balancing loss (padding tokens excluded) while the state collects aux
     losses; a dense router (top_k = E), for which that loss is constant, records the importance
-    loss (CV^2) instead, under the same `aux_loss_coef`.
+    loss (CV^2) instead, under the same `aux_loss_coef`. Both are computed for all layers at
+    once when the forward ends (`RoutingState.record_batched`).
     """
 
     static = False
@@ -95,13 +96,24 @@ class TopKRouter(nn.Module):
 
     def route(self, logits: Tensor, state: RoutingState, mask: Tensor | None) -> Tensor:
         """g from the logits (..., E): the top k softmaxed, the rest 0; records the balance
-        loss over the unmasked positions."""
-        top, chosen = logits.topk(self.top_k, dim=-1)
-        g = torch.zeros_like(logits).scatter(-1, chosen, top.softmax(-1))
-        if state.collect_aux and self.top_k < logits.shape[-1]:
-            state.record("load_balance", load_balance_loss(logits, chosen, mask))
-        elif state.collect_aux and logits.shape[-1] > 1:  # dense: the Switch loss is constant
-            state.record("importance", importance_loss(logits, mask))
+        loss over the unmasked positions. One softmax serves g and the loss: the softmax of
+        the top k logits is the full softmax's top k renormalised."""
+        probs = logits.softmax(-1)
+        num_experts = probs.shape[-1]
+        dense = self.top_k == num_experts  # every expert gets every token: the Switch loss is 1
+        if dense:
+            g = probs
+        else:
+            top, chosen = probs.topk(self.top_k, dim=-1)
+            g = torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
+        if state.collect_aux and num_experts > 1:
+            flat = probs.reshape(-1, num_experts)
+            weight = token_weight(probs, mask)
+            if dense:
+                state.record_batched("importance", importance_losses, flat, weight)
+            else:
+                chosen = chosen.reshape(len(flat), -1)
+                state.record_batched("load_balance", load_balance_losses, flat, chosen, weight)
         return g
 
 

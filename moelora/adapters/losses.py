@@ -5,13 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora.adapters.routing import RoutingState
 
 
-def load_balance_loss(logits: Tensor, chosen: Tensor, mask: Tensor | None = None) -> Tensor:
+def token_weight(probs: Tensor, mask: Tensor | None) -> Tensor:
+    """(N,) 1.0 on the tokens of probs (..., E) that count, 0.0 on padding: the mask as a
+    weight, not an index (no host sync, no copy of the kept rows)."""
+    if mask is None:
+        return probs.new_ones(probs.shape[:-1].numel(), dtype=torch.float32)
+    return mask.reshape(-1).float()
+
+
+def load_balance_loss(probs: Tensor, chosen: Tensor, mask: Tensor | None = None) -> Tensor:
     """Switch-style L = E * sum_i f_i P_i over the real (unmasked) tokens.
 
     f_i is the fraction of routed token slots (tokens x k) sent to expert i, P_i the mean
@@ -19,21 +28,30 @@ def load_balance_loss(logits: Tensor, chosen: Tensor, mask: Tensor | None = None
     takes every token with certainty; only P carries gradient.
 
     Args:
-        logits: router logits (..., E).
-        chosen: indices of the kept experts (..., k).
+        probs: the router's full softmax (..., E) (the router computes it once for g too).
+        chosen: indices of the kept experts (..., k), distinct per token.
         mask: bool (...) with True on tokens that count, or None for all.
     """
-    num_experts = logits.shape[-1]
-    probs = logits.float().softmax(-1).reshape(-1, num_experts)
-    slots = F.one_hot(chosen.reshape(len(probs), -1), num_experts).sum(1).to(probs.dtype)
-    # the mask as a weight, not an index: no host sync and no copy of the kept rows
-    weight = probs.new_ones(len(probs), 1) if mask is None else mask.reshape(-1, 1).to(probs.dtype)
-    tokens = weight.sum().clamp(min=1)
-    fraction = (slots * weight).sum(0) / (tokens * chosen.shape[-1])
-    return num_experts * (fraction * (probs * weight).sum(0) / tokens).sum()
+    num_experts = probs.shape[-1]
+    flat = probs.reshape(1, -1, num_experts)
+    chosen = chosen.reshape(1, flat.shape[1], -1)
+    return load_balance_losses(flat, chosen, token_weight(probs, mask)[None])[0]
 
 
-def importance_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+def load_balance_losses(probs: Tensor, chosen: Tensor, weight: Tensor) -> Tensor:
+    """`load_balance_loss` of L layers at once, as the router records it (one batched
+    computation instead of a dozen small ops per layer): probs (L, N, E), chosen (L, N, k),
+    weight (L, N) from `token_weight`. Returns (L,)."""
+    num_experts = probs.shape[-1]
+    probs = probs.float()
+    slots = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+    weight = weight.to(probs.dtype).unsqueeze(-1)
+    tokens = weight.sum(1).clamp(min=1)  # (L, 1)
+    fraction = (slots * weight).sum(1) / (tokens * chosen.shape[-1])
+    return num_experts * (fraction * (probs * weight).sum(1) / tokens).sum(-1)
+
+
+def importance_loss(probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """The importance loss of dense routers (Shazeer et al. 2017): CV^2 of the experts'
     importance I_i = sum over real tokens of softmax(logits)_i, i.e. Var(I) / Mean(I)^2.
 
@@ -43,15 +61,18 @@ def importance_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     one still has a gradient.
 
     Args:
-        logits: router logits (..., E).
+        probs: the router's softmax (..., E).
         mask: bool (...) with True on tokens that count, or None for all.
     """
-    num_experts = logits.shape[-1]
-    probs = logits.float().softmax(-1).reshape(-1, num_experts)
-    if mask is not None:
-        probs = probs * mask.reshape(-1, 1).to(probs.dtype)
-    importance = probs.sum(0)
-    return importance.var(unbiased=False) / importance.mean().pow(2).clamp(min=1e-12)
+    flat = probs.reshape(1, -1, probs.shape[-1])
+    return importance_losses(flat, token_weight(probs, mask)[None])[0]
+
+
+def importance_losses(probs: Tensor, weight: Tensor) -> Tensor:
+    """`importance_loss` of L layers at once: probs (L, N, E), weight (L, N). Returns (L,)."""
+    importance = (probs.float() * weight.to(torch.float32).unsqueeze(-1)).sum(1)  # (L, E)
+    mean = importance.mean(-1)
+    return importance.var(-1, unbiased=False) / mean.pow(2).clamp(min=1e-12)
 
 
 def contrastive_losses(h: Tensor, gram: Tensor, experts: Tensor, tau: float) -> Tensor:

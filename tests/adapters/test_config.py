@@ -46,6 +46,18 @@ def test_overriding_num_experts_rederives_the_rank_split():
 
 
 @pytest.mark.parametrize(
+    ("scaling_rank", "universal", "domain"), [("expert", 32 / 8, 32 / 2), ("total", 3.2, 3.2)]
+)
+def test_modula_scales_each_expert_by_its_rank_or_by_a_rows_rank(scaling_rank, universal, domain):
+    config = AdapterConfig.coerce(
+        dict(name="modula", universal_rank=8, domain_rank=2, alpha=32, scaling_rank=scaling_rank)
+    )
+    parts = get_method("modula")(config).layer_parts(d_in=16, num_tasks=3, num_domains=3)
+    assert parts.ranks == [8, 2, 2, 2]
+    assert parts.scales == pytest.approx([universal] + [domain] * 3)
+
+
+@pytest.mark.parametrize(
     ("fields", "names"),
     [
         (dict(name="moelorra"), "name"),
@@ -57,6 +69,7 @@ def test_overriding_num_experts_rederives_the_rank_split():
         (dict(name="lora", rank_per_expert=8, dropout=1.0), "dropout"),
         (dict(name="lora", rank_per_expert=8, stages=["universal"]), "stages"),
         (dict(name="modula", stages=["universal", "experts"]), "stages"),
+        (dict(name="modula", scaling_rank="row"), "scaling_rank"),
         (dict(name="lora", rank_per_expert=8, target_modules=[]), "target_modules"),
     ],
 )

@@ -27,10 +27,15 @@ def test_top_k_router_sends_each_token_to_exactly_k_experts(top_k):
     torch.manual_seed(0)
     router = TopKRouter(16, 4, top_k)
     routing = Routing()
+    x = torch.randn(3, 7, 16)
     with routing.bind(RoutingState()):
-        g = router(torch.randn(3, 7, 16), routing)
+        g = router(x, routing)
     assert ((g > 0).sum(-1) == top_k).all()
     torch.testing.assert_close(g.sum(-1), torch.ones(3, 7))
+    # the definition: a softmax over the k largest logits, 0 elsewhere
+    logits = router.proj(x)
+    top, chosen = logits.topk(top_k, dim=-1)
+    torch.testing.assert_close(g, torch.zeros_like(logits).scatter(-1, chosen, top.softmax(-1)))
 
 
 @pytest.mark.parametrize(
@@ -43,19 +48,18 @@ def test_top_k_router_sends_each_token_to_exactly_k_experts(top_k):
     ],
 )
 def test_load_balance_loss_matches_hand_computation(top_k, expected):
-    logits = PROBS.log()
-    chosen = logits.topk(top_k, dim=-1).indices
-    loss = load_balance_loss(logits, chosen, MASK)
+    chosen = PROBS.topk(top_k, dim=-1).indices
+    loss = load_balance_loss(PROBS, chosen, MASK)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_importance_loss_matches_hand_computation():
     # real tokens' probabilities sum to I = [1.45, 1.3, 0.25]: mean 1, variance
     # (0.45^2 + 0.3^2 + 0.75^2) / 3 = 0.285, so CV^2 = 0.285
-    assert importance_loss(PROBS.log(), MASK).item() == pytest.approx(0.285, rel=1e-5)
-    uniform = torch.zeros(5, 3)
+    assert importance_loss(PROBS, MASK).item() == pytest.approx(0.285, rel=1e-5)
+    uniform = torch.full((5, 3), 1 / 3)
     assert importance_loss(uniform).item() == pytest.approx(0.0, abs=1e-7)
-    collapsed = torch.tensor([[30.0, 0.0, 0.0]] * 4)
+    collapsed = torch.tensor([[1.0, 0.0, 0.0]] * 4)
     assert importance_loss(collapsed).item() == pytest.approx(2.0, rel=1e-5)  # E - 1
 
 
@@ -69,11 +73,12 @@ def test_a_dense_router_records_the_importance_loss_with_a_gradient():
     routing = Routing()
     with routing.bind(state):
         router(x, routing)
-    assert set(state.aux) == {"importance"}
-    (loss,) = state.aux["importance"]
-    logits = router.proj(x)
-    torch.testing.assert_close(loss, importance_loss(logits))
-    switch = load_balance_loss(logits, logits.topk(3, dim=-1).indices)
+    losses = state.aux_losses()
+    assert set(losses) == {"importance"}
+    loss = losses["importance"]
+    probs = router.proj(x).softmax(-1)
+    torch.testing.assert_close(loss, importance_loss(probs))
+    switch = load_balance_loss(probs, probs.topk(3, dim=-1).indices)
     assert switch.item() == pytest.approx(1.0, rel=1e-6)  # the constant it replaces
     loss.backward()
     assert router.proj.weight.grad.abs().sum() > 0
@@ -88,8 +93,34 @@ def test_router_records_load_balance_on_real_tokens_only():
     state = RoutingState(token_mask=MASK.view(1, 4), collect_aux=True)
     with routing.bind(state):
         router(PROBS.log().view(1, 4, 3), routing)
-    (loss,) = state.aux["load_balance"]
+    loss = state.aux_losses()["load_balance"]
     assert loss.item() == pytest.approx((2 * 1.45 + 1.3) / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_routers_of_several_layers_record_the_mean_of_their_losses(top_k):
+    """The balance losses are computed for all layers at once; the result is each layer's
+    loss (the one-layer definition) averaged over the layers."""
+    torch.manual_seed(0)
+    routers = [TopKRouter(8, 4, top_k) for _ in range(3)]
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    routing = Routing()
+    state = RoutingState(token_mask=mask, collect_aux=True)
+    with routing.bind(state):
+        for router in routers:
+            router(x, routing)
+    (name, got), *rest = state.aux_losses().items()
+    assert not rest
+    expected = []
+    for router in routers:
+        probs = router.proj(x).softmax(-1)
+        if top_k == 4:
+            expected.append(importance_loss(probs, mask))
+        else:
+            expected.append(load_balance_loss(probs, probs.topk(top_k, dim=-1).indices, mask))
+    assert name == ("importance" if top_k == 4 else "load_balance")
+    torch.testing.assert_close(got, torch.stack(expected).mean())
 
 
 def expert_contrastive_loss(outputs, experts, tau):

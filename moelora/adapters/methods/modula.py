@@ -24,6 +24,12 @@ class ModulaConfig(AdapterConfig):
     name: str = setting("modula", "modula")
     universal_rank: int = setting("Rank of the universal expert.", 8)
     domain_rank: int = setting("Rank of each domain expert.", 8)
+    scaling_rank: str = setting(
+        "Rank in s = alpha / scaling rank: `expert` (each expert's own rank) or `total` "
+        "(universal_rank + domain_rank, the rank of one row's adapter: every expert gets the "
+        "same s, which keeps a small domain rank from multiplying its expert's step size).",
+        "expert",
+    )
     stages: list[str] = setting(
         "Training stages in order, from universal | domain | router_warmup | router.",
         factory=list,
@@ -54,6 +60,7 @@ class ModulaConfig(AdapterConfig):
         if self.router_supervision_coef < 0:
             fail(f"router_supervision_coef={self.router_supervision_coef} must be at least 0.")
         check_choice(self, "router_input", ("token", "prompt"))
+        check_choice(self, "scaling_rank", ("expert", "total"))
         if self.router_top_k is not None and self.router_top_k < 1:
             fail(f"router_top_k={self.router_top_k} must be null or at least 1.")
         bad = [s for s in self.stages if s not in STAGES]
@@ -92,7 +99,11 @@ class MoDULA(Method):
         gate = DomainGate(
             d_in, num_domains, self.residual, config.router_top_k, config.router_input
         )
-        return LayerParts(ranks, [config.scaling(r) for r in ranks], gate, [1] * len(ranks))
+        if config.scaling_rank == "total":
+            scales = [config.scaling(config.universal_rank + config.domain_rank)] * len(ranks)
+        else:
+            scales = [config.scaling(r) for r in ranks]
+        return LayerParts(ranks, scales, gate, [1] * len(ranks))
 
     def check_sizes(self, num_tasks: int, num_domains: int) -> None:
         super().check_sizes(num_tasks, num_domains)
