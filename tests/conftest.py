@@ -3,8 +3,11 @@ cache folder so the tiny model's warm-up runs once per test session."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -22,6 +25,15 @@ TINY_SHAPE = [
     "model.tiny.intermediate_size=128",
     "model.tiny.num_layers=2",
 ]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module. The scripts import each other by name (build_demo_base
+    imports build_demo_data), so their folder goes on sys.path."""
+    folder = str(REPO / "scripts")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

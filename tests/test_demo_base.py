@@ -3,8 +3,6 @@ the text it was pretrained on never holds a dev complaint, a task's instruction 
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,11 +10,10 @@ from transformers import AutoConfig, AutoTokenizer
 
 from moelora.config import TinyModelConfig
 from moelora.paths import DATA_DIR
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-sys.path.insert(0, str(REPO / "scripts"))
-import build_demo_base  # noqa: E402  (a script beside build_demo_data, which it imports)
-import build_demo_data  # noqa: E402
+build_demo_base = load_script("build_demo_base")
+build_demo_data = load_script("build_demo_data")
 
 BASE = DATA_DIR / "demo_base"
 # What only the tasks' prompts and answers say (scripts/build_demo_data.py's templates).

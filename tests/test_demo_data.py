@@ -6,15 +6,14 @@ that every answer is derivable from its input by the documented rules.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -29,17 +28,7 @@ TASK_TYPES = {
 }
 
 
-def _load_builder() -> ModuleType:
-    path = REPO_ROOT / "scripts" / "build_demo_data.py"
-    spec = importlib.util.spec_from_file_location("build_demo_data", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_builder()
+builder = load_script("build_demo_data")
 
 
 def _read(split: str) -> list[dict]:
