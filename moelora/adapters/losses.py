@@ -117,11 +117,26 @@ def contrastive_losses(h: Tensor, gram: Tensor, experts: Tensor, tau: float) -> 
     return (per_anchor * has_positive).sum(-1) / has_positive.sum(-1).clamp(min=1)
 
 
+def routed_contrastive_losses(
+    h: Tensor, gate: Tensor, gram: Tensor, top_k: int, tau: float
+) -> Tensor:
+    """`contrastive_losses` of L layers from each layer's sampled tokens: h (L, T, R) their rank
+    outputs A_cat x, gate (L, T, E) their gate weights, gram (L, R, R). Each token becomes k
+    pairs, one per expert in its top k; one top-k and one gather serve every layer."""
+    layers, tokens, ranks = h.shape
+    num_experts = gate.shape[-1]
+    experts = gate.topk(top_k, dim=-1).indices  # (L, T, k)
+    per_expert = h.view(layers, tokens, num_experts, ranks // num_experts)
+    index = experts[..., None].expand(-1, -1, -1, per_expert.shape[-1])
+    pairs = per_expert.gather(2, index)  # (L, T, k, r)
+    return contrastive_losses(pairs.flatten(1, 2), gram, experts.flatten(1), tau)
+
+
 class ExpertContrastive(nn.Module):
     """Records one layer's routed pairs for the contrastive loss: the tokens the routing state
     sampled for this forward (at most `max_tokens` real ones, the same in every layer), each
     under its top-k experts. The loss itself is computed for all layers at once
-    (`contrastive_losses`) when the forward ends."""
+    (`routed_contrastive_losses`) when the forward ends."""
 
     def __init__(self, num_experts: int, top_k: int, tau: float, max_tokens: int) -> None:
         super().__init__()
@@ -137,14 +152,7 @@ class ExpertContrastive(nn.Module):
         x: Tensor,
     ) -> None:
         tokens = state.sample_tokens(x, self.max_tokens)
-        h = rank_outputs(tokens).unflatten(-1, (self.num_experts, -1))  # (T, E, r)
-        experts = g.reshape(-1, self.num_experts)[tokens].topk(self.top_k, dim=-1).indices
-        pairs = h.gather(1, experts[..., None].expand(-1, -1, h.shape[-1]))  # (T, k, r)
+        gate = g.detach().reshape(-1, self.num_experts)[tokens]  # only its top k are used
         gram = b.float().T @ b.float()  # here, while ZeRO-3 has B gathered
-        state.record_batched(
-            "contrastive",
-            partial(contrastive_losses, tau=self.tau),
-            pairs.flatten(0, 1),
-            gram,
-            experts.flatten(),
-        )
+        losses = partial(routed_contrastive_losses, top_k=self.top_k, tau=self.tau)
+        state.record_batched("contrastive", losses, rank_outputs(tokens), gate, gram)
