@@ -53,5 +53,5 @@ else
   lane_a
   lane_b
 fi
-moelora compare "$out"/{lora,moelora,molora,contrastive,modula,modula_res} --out "$out" \
-  --baseline method=lora
+sweeps=("$out"/*/multirun.yaml)  # the folders the sweeps above wrote
+moelora compare "${sweeps[@]%/multirun.yaml}" --out "$out" --baseline method=lora

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_script
+from tests.conftest import REPO, load_script
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
+DATA_DIR = REPO / "data"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
 SPLITS = {"train": 500, "dev": 40}
 KEYS = {"input", "target", "answer_choices", "task_type", "task_dataset", "sample_id"}
