@@ -1,7 +1,10 @@
 """The shipped demo base (data/demo_base): it matches the shipped tokenizer and the tiny shape, and
-the text it was pretrained on never holds a dev complaint, a task's instruction or an answer."""
+the text it was pretrained on never holds a dev complaint or a task's instruction, and teaches
+true things (the exercises' answers are checked against the world's rules)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ build_demo_data = load_script("build_demo_data")
 BASE = DATA_DIR / "demo_base"
 # What only the tasks' prompts and answers say (scripts/build_demo_data.py's templates).
 TASK_PHRASES = ("实体识别", "实体类型", "实体包含", "挂哪个科室", "选项：", "就诊建议", "建议到")
-TASK_PHRASES += ("同一组症状", "答：", "是的", "不是")
+TASK_PHRASES += ("同一组症状", "答：")
 
 
 def test_the_shipped_base_has_the_tiny_shape_and_the_shipped_vocabulary() -> None:
@@ -46,8 +49,38 @@ def test_the_pretraining_text_never_holds_a_dev_complaint(documents) -> None:
 
 def test_the_pretraining_text_never_holds_a_task_prompt_or_answer(documents) -> None:
     assert not [d for d in documents if any(p in d for p in TASK_PHRASES)]
-    assert any("\n两段话症状的差别：" in d for d in documents)  # the comparing exercises
+    assert any("\n两段话的症状一样吗？" in d for d in documents)  # the comparing exercises
     assert any("\n提到：" in d for d in documents)  # and the reading ones
+
+
+def test_yes_and_no_only_answer_the_bases_own_questions(documents) -> None:
+    """The base knows the words 是的 and 不是 (a base that never saw them cannot learn to tell
+    them apart), but only as answers to its own questions, never after a task's prompt."""
+    answers = [m for d in documents for m in re.finditer("是的|不是", d)]
+    assert len(answers) > 100
+    assert all(m.string[m.start() - 2 : m.start()] == "吗？" for m in answers)
+
+
+def test_a_yes_no_exercise_answers_by_the_worlds_tables() -> None:
+    corpus = build_demo_base.Corpus("yes-no", set())
+    seen = set()
+    for _ in range(100):
+        document = corpus.yes_no()
+        pairs = re.findall("(.+?吗？)(是的|不是)。", document)
+        assert "".join(f"{q}{a}。" for q, a in pairs) == document
+        for question, answer in pairs:
+            if "多见于" in question:
+                symptom, dept = question.removesuffix("吗？").split("多见于")
+                truth, kind = build_demo_data.SYMPTOMS[symptom][0] == dept, "dept"
+            elif question.startswith("“"):
+                text, term = question.removeprefix("“").removesuffix("了吗？").split("”提到")
+                truth, kind = term in text, "mention"
+            else:
+                term, label = question.removesuffix("吗？").split("是", 1)
+                truth, kind = term in build_demo_base.KINDS[label], "kind"
+            assert answer == ("是的" if truth else "不是"), question
+            seen.add((kind, truth))
+    assert len(seen) == 6  # every kind of question, answered both ways
 
 
 def test_a_reading_exercise_lists_the_terms_in_order_of_appearance() -> None:
@@ -58,8 +91,9 @@ def test_a_reading_exercise_lists_the_terms_in_order_of_appearance() -> None:
     assert [complaint.index(n) for n in names] == sorted(complaint.index(n) for n in names)
 
 
-def test_a_comparing_exercise_names_the_symptoms_only_one_side_has() -> None:
+def test_a_comparing_exercise_says_whether_and_where_the_symptoms_differ() -> None:
     corpus = build_demo_base.Corpus("comparing", set())
+    answers = set()
     for _ in range(50):
         pair, answer = corpus.comparing().split("\n")
         first, second = pair.removeprefix("“").removesuffix("”").split("”和“")
@@ -67,5 +101,10 @@ def test_a_comparing_exercise_names_the_symptoms_only_one_side_has() -> None:
             set(build_demo_data.find_entities(t, build_demo_data.SYMPTOM_NAMES))
             for t in (first, second)
         ]
-        named = answer.removeprefix("两段话症状的差别：").rstrip("。")
+        same, named = re.fullmatch(
+            "两段话的症状一样吗？(是的|不是)。症状的差别：(.+)。", answer
+        ).groups()
         assert (set(named.split("、")) if named != "无" else set()) == sets[0] ^ sets[1]
+        assert same == ("是的" if sets[0] == sets[1] else "不是")
+        answers.add(same)
+    assert answers == {"是的", "不是"}
