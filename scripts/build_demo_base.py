@@ -61,7 +61,7 @@ SYMPTOM_FACTS = (
 )
 DRUG_FACTS = ("{d}是一种常用药物。", "{d}是药物。", "药物{d}需按说明服用。")
 PART_FACTS = ("{p}是身体部位。", "{p}属于身体的一部分。")
-KINDS = {"药物": DRUGS, "身体部位": BODY_PARTS, "症状": tuple(SYMPTOMS)}
+KINDS = {"药物": DRUGS, "身体部位": BODY_PARTS, "症状": SYMPTOM_NAMES}
 
 
 def dev_complaints() -> set[str]:
@@ -112,9 +112,7 @@ class Corpus:
 
     def yes_no(self) -> str:
         """Two to four questions answered 是的 or 不是 (half each): about the tables, or whether a
-        complaint mentions a term. A real LLM knows these two words; a base that never saw them
-        gives them near-equal embeddings, and fine-tuning could not tell them apart (measured:
-        a matching task stayed at one answer for every input)."""
+        complaint mentions a term (why the base needs them: the module docstring)."""
         rng, answers = self.rng, []
         for _ in range(rng.randint(2, 4)):
             yes, kind = rng.random() < 0.5, rng.random()
