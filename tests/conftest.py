@@ -1,5 +1,6 @@
-"""Shared fixtures: Hydra composition of the shipped configs, the toy PromptCBLUE rows, and a
-cache folder so the tiny model's warm-up runs once per test session."""
+"""Shared fixtures: Hydra composition of the shipped configs, the toy PromptCBLUE rows, a cache
+folder so the tiny model's warm-up runs once per test session, and the rule that a test may be
+skipped only for a missing GPU, optional extra or platform feature (never for a missing file)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from omegaconf import DictConfig
 
 from moelora.config import register_configs
 from moelora.paths import CONFIG_DIR
+from tests import skip_policy
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOY = REPO.parent / "shared" / "data" / "promptcblue_toy"
+# Real PromptCBLUE rows and the official scorer's output on them (README.md there says whence).
+PROMPTCBLUE_TOY = REPO / "tests" / "data" / "promptcblue_toy"
 # The smallest tiny base the end-to-end tests train: a 2-layer Llama of width 64.
 TINY_SHAPE = [
     "model=tiny",
@@ -25,6 +28,10 @@ TINY_SHAPE = [
     "model.tiny.intermediate_size=128",
     "model.tiny.num_layers=2",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(skip_policy, "skip_policy")
 
 
 def load_script(name: str) -> ModuleType:
@@ -55,6 +62,4 @@ def compose_config(name: str, overrides: list[str], run_dir: Path | None = None)
 
 @pytest.fixture
 def toy_dir() -> Path:
-    if not SHARED_TOY.is_dir():
-        pytest.skip(f"the PromptCBLUE toy rows are not at {SHARED_TOY} (../shared is absent)")
-    return SHARED_TOY
+    return PROMPTCBLUE_TOY

@@ -285,7 +285,9 @@ def test_eval_refuses_deepspeed_before_loading(tmp_path) -> None:
 
 
 def test_slurm_launcher_config_composes_on_submitit() -> None:
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install .[slurm]")
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher", reason="optional extra: pip install -e '.[slurm]'"
+    )
     from hydra import compose, initialize_config_dir
 
     from moelora.paths import CONFIG_DIR

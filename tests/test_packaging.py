@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+tomllib = pytest.importorskip("tomllib", reason="platform: Python 3.11+ reads pyproject.toml")
 
 SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]
 

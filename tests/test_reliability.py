@@ -198,7 +198,9 @@ def worker_with_local_rank(run_dir: Path, rank: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process in /proc")
+@pytest.mark.skipif(
+    not Path("/proc").is_dir(), reason="platform: finds the rank's process in /proc"
+)
 def test_a_signal_to_one_ddp_rank_stops_both_and_resume_equals_the_uninterrupted_run(
     tmp_path,
 ) -> None:

@@ -16,11 +16,11 @@ from moelora.evaluate.promptcblue import (
     score_predictions,
     score_task,
 )
+from tests.conftest import PROMPTCBLUE_TOY
 from tests.evaluate.test_promptcblue import _demo as _row
 
-TOY_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "promptcblue_toy"
-SCORES_DIR = TOY_DIR / "official_scores"
-PREDICTION_FILES = sorted(p.name for p in SCORES_DIR.glob("*.jsonl")) or ["(none)"]
+SCORES_DIR = PROMPTCBLUE_TOY / "official_scores"
+PREDICTION_FILES = sorted(p.name for p in SCORES_DIR.glob("*.jsonl"))
 
 
 def _official_key(task: str) -> str:
@@ -39,8 +39,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.parametrize("name", PREDICTION_FILES)
 def test_matches_the_official_scorer(name):
     path = SCORES_DIR / name
-    if not path.is_file():
-        pytest.skip(f"official PromptCBLUE scores not found at {SCORES_DIR.resolve()}")
     rows = _read_jsonl(SCORES_DIR.parent / f"{name.split('_')[0]}.json")
     predicted = {r["sample_id"]: r["prediction"] for r in _read_jsonl(path)}
     expected = json.loads(path.with_suffix(".scores.json").read_text(encoding="utf-8"))
@@ -56,8 +54,6 @@ def test_matches_the_official_scorer(name):
 
 def test_lenient_reads_some_damaged_files_differently():
     """The two readings are really different: several damaged files move by more than 1e-6."""
-    if not SCORES_DIR.is_dir():
-        pytest.skip(f"official PromptCBLUE scores not found at {SCORES_DIR.resolve()}")
     moved = 0
     for name in PREDICTION_FILES:
         rows = _read_jsonl(SCORES_DIR.parent / f"{name.split('_')[0]}.json")

@@ -4,7 +4,6 @@ answers, and the task_type fallback; test_official.py checks the official readin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,8 @@ from moelora.evaluate.promptcblue import (
     score_predictions,
     score_task,
 )
+from tests.conftest import PROMPTCBLUE_TOY
 
-TOY_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "promptcblue_toy"
 SIXTEEN = {
     "CMeEE-V2", "CMeIE", "CHIP-CDN", "CHIP-CDEE", "CHIP-STS", "CHIP-CTC", "CHIP-MDCFNPC",
     "KUAKE-IR", "KUAKE-QIC", "KUAKE-QQR", "KUAKE-QTR", "IMCS-V2-NER", "IMCS-V2-SR",
@@ -26,10 +25,7 @@ SIXTEEN = {
 
 
 def _load(split: str) -> list[dict]:
-    path = TOY_DIR / f"{split}.json"
-    if not path.is_file():
-        pytest.skip(f"PromptCBLUE toy data not found at {path.resolve()} (a shared checkout file)")
-    with path.open(encoding="utf-8") as f:
+    with (PROMPTCBLUE_TOY / f"{split}.json").open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
