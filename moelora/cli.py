@@ -66,8 +66,9 @@ def _run_compare(argv: list[str]) -> None:
 
 @contextlib.contextmanager
 def _one_line_errors(command: str) -> Iterator[None]:
-    """A user's mistake (exit 2) or a run stopped on purpose (its own exit code) ends the
-    command with one line on standard error, not a traceback."""
+    """A user's mistake (exit 2), a run stopped on purpose or by a failed write (its own exit
+    code) or an unforeseen file error (exit 2) ends the command with one line on standard
+    error, not a traceback."""
     try:
         yield
     except UserError as err:
@@ -76,6 +77,16 @@ def _one_line_errors(command: str) -> Iterator[None]:
     except RunStopped as stop:
         print(f"moelora {command}: stopped: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
+    except OSError as err:  # a file fault no check foresaw: still one line, naming the file
+        from moelora.atomic import error_words
+
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"moelora {command}: error: {where}{error_words(err)}; check that path, its "
+            f"permissions and the free space under it.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 def _run_export(cfg: DictConfig) -> None:
@@ -100,8 +111,20 @@ def _hydra_app(command: str) -> Callable[[], None]:
         _quiet_libraries()
         with _one_line_errors(command):
             COMMANDS[command](cfg)
+            _end_processes()
 
     return app
+
+
+def _end_processes() -> None:
+    """Under a distributed launch every rank waits for the others, then the process group is
+    destroyed: a rank that exits with it alive aborts now and then ("terminate called without an
+    active exception"). Training ends its group itself; eval and predict end here."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _quiet_libraries() -> None:
@@ -117,13 +140,14 @@ def _quiet_libraries() -> None:
 OUTPUT_KEYS = {"train": "run_dir", "eval": "output_dir", "predict": "output_dir"}
 
 
-def _translate(command: str, overrides: list[str]) -> list[str]:
+def _translate(command: str, overrides: list[str]) -> tuple[list[str], str | None]:
     """`run_dir=X` on `train` (`output_dir=X` on `eval` and `predict`) also moves Hydra's output
-    dir there, so resuming is one override; an existing run there is refused before Hydra
-    writes into it."""
+    dir there, so resuming is one override. Before Hydra writes into it, a training folder is
+    checked (`moelora.resume.plan_run`) and locked; returns the overrides and the locked folder.
+    A finished run under trainer.resume=auto ends the command here, with status 0."""
     key = OUTPUT_KEYS.get(command)
     if key is None:
-        return overrides
+        return overrides, None
     folders = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
     if not folders and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Each rank would resolve Hydra's ${now:...} run dir on its own and write elsewhere.
@@ -134,19 +158,39 @@ def _translate(command: str, overrides: list[str]) -> list[str]:
         )
         raise SystemExit(2)
     if not folders:
-        return overrides
-    from moelora.rundir import guard_eval_output, guard_run_dir
+        return overrides, None
+    from moelora import run_lock
+    from moelora.resume import plan_run
+    from moelora.rundir import guard_eval_output
 
-    try:
+    folder, locked = folders[-1], None
+    with _one_line_errors(command):
+        resume = _resume_setting(overrides) if command == "train" else None
+        # An unknown value is left to the config's own check, which names it.
+        if resume in (True, False, "auto") and plan_run(folder, resume).action == "finished":
+            print(f"moelora train: run_dir={folder} has finished already; nothing to do.")
+            raise SystemExit(0)
         if command == "train":
-            resume = {"trainer.resume=true", "trainer.resume=1"} & {o.lower() for o in overrides}
-            guard_run_dir(folders[-1], bool(resume))
+            run_lock.acquire(folder)
+            locked = folder
         else:
-            guard_eval_output(folders[-1])
-    except UserError as err:
-        print(f"moelora {command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return [f"hydra.run.dir={folders[-1]}", *overrides]  # before any --flag argparse reads
+            guard_eval_output(folder)
+    return [f"hydra.run.dir={folder}", *overrides], locked  # before any --flag argparse reads
+
+
+def _resume_setting(overrides: list[str]) -> bool | str:
+    """trainer.resume as the command composes it (a config file may set it too); read from the
+    overrides when they do not compose on their own (a sweep's lists: Hydra reports those)."""
+    from hydra import compose, initialize_config_dir
+
+    plain = [o for o in overrides if not o.startswith(("-", "hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=plain).trainer.resume
+    except Exception:
+        given = [o.split("=", 1)[1].lower() for o in plain if o.startswith("trainer.resume=")]
+        value = given[-1] if given else "false"
+        return "auto" if value == "auto" else value in {"true", "1", "yes"}
 
 
 def _has_gpu() -> bool:
@@ -213,7 +257,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"moelora: unknown command '{command}'.\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     register_configs()
-    sys.argv = [f"moelora-{command}", *_translate(command, overrides)]
+    overrides, locked = _translate(command, overrides)
+    sys.argv = [f"moelora-{command}", *overrides]
+    try:
+        _run_app(command)
+    finally:
+        if locked is not None:
+            from moelora import run_lock
+
+            run_lock.release(locked)
+
+
+def _run_app(command: str) -> None:
+    """The command's Hydra app; composition errors become one line (unless HYDRA_FULL_ERROR)."""
     if "HYDRA_FULL_ERROR" in os.environ:  # the user asked for Hydra's own report
         try:
             _hydra_app(command)()

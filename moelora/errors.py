@@ -1,6 +1,10 @@
 """The exceptions the CLI turns into one line: mistakes a user can fix (bad config, missing file,
 bad data row), and runs that stopped on purpose (a signal, a diverging loss)."""
 
+# The exit status of a run that stopped before its end with its files in order (a diverging
+# loss, a failed write); a signal's stop exits with 128 + its number instead.
+STOPPED_EXIT_CODE = 3
+
 
 class UserError(ValueError):
     """Raised with one sentence that names the field or file and says what to do; the CLI prints

@@ -3,13 +3,13 @@ standard PEFT LoRA adapter (the task's gate folded into B) and, on request, a me
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from moelora import atomic
 from moelora.adapters import export_peft_adapter, get_method, merge_adapter
 from moelora.config import ExportConfig, ModelConfig
 from moelora.errors import UserError
@@ -42,15 +42,17 @@ def export_command(raw: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     try:
         if "peft" in cfg.formats:
-            export_peft_adapter(run.model, task_id, out / "peft", domain_id=domain_id)
+            with atomic.atomic(out / "peft") as tmp:
+                export_peft_adapter(run.model, task_id, tmp, domain_id=domain_id)
             log.info(f"PEFT LoRA adapter: {out / 'peft'}")
         if "merged" in cfg.formats:
             merged = merge_adapter(run.model, task_id, domain_id=domain_id)
             saved_dtype = _checkpoint_dtype(run.settings.model)
             if saved_dtype is not None:
                 merged.to(saved_dtype)
-            merged.save_pretrained(out / "merged")
-            run.tokenizer.save_pretrained(out / "merged")
+            with atomic.atomic(out / "merged") as tmp:
+                merged.save_pretrained(tmp)
+                run.tokenizer.save_pretrained(tmp)
             log.info(f"merged model: {out / 'merged'}")
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -60,7 +62,7 @@ def export_command(raw: DictConfig) -> None:
         "method": run.settings.method,
         "formats": cfg.formats,
     }
-    (out / "export.json").write_text(json.dumps(info, ensure_ascii=False, indent=2))
+    atomic.write_json(out / "export.json", info)
 
 
 def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
+from moelora import atomic
 from moelora.config import HardwareConfig, TrainerConfig
 from moelora.errors import UserError
 from moelora.log import get_logger
@@ -159,7 +159,7 @@ def save_deepspeed_config(accelerator: Accelerator, run_dir: Path) -> None:
     """Keep the DeepSpeed JSON the run used, every `auto` resolved."""
     config = deepspeed_of(accelerator)
     if config is not None and accelerator.is_main_process:
-        (run_dir / DEEPSPEED_FILE).write_text(json.dumps(config, indent=2))
+        atomic.write_json(run_dir / DEEPSPEED_FILE, config)
 
 
 @contextlib.contextmanager

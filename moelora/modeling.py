@@ -22,13 +22,26 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from moelora.atomic import error_words, io_errors
 from moelora.config import ModelConfig, TinyModelConfig
 from moelora.errors import UserError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _offline_hint(what: str, name: str, key: str) -> str:
+def _load_error(what: str, name: str, key: str, err: BaseException) -> str:
+    """Why a model or tokenizer did not load: a local path that is a file, a local folder
+    whose files are damaged or missing (with the library's own first line), or a hub name that
+    could not be fetched."""
+    path = Path(name)
+    if path.is_file():
+        return f"{key}={name} is a file; point it at the folder that holds the {what}."
+    if path.is_dir():
+        return (
+            f"could not load the {what} from the folder {name} ({error_words(err)}); it must be "
+            f"a complete save_pretrained folder (config.json, tokenizer files, weights), so "
+            f"copy or download it again."
+        )
     return (
         f"could not load the {what} '{name}' (no local folder of that name and the hub is "
         f"unreachable or the name is wrong); download it on a machine with network "
@@ -44,7 +57,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-        raise UserError(_offline_hint("tokenizer", name, key)) from err
+        raise UserError(_load_error("tokenizer", name, key, err)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token is None:
@@ -109,8 +122,8 @@ def _load(
         kwargs["device_map"] = {"": str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as err:
-        raise UserError(_offline_hint("model", name, "model.name_or_path")) from err
+    except io_errors() as err:  # OSError, or safetensors' error on an empty or cut file
+        raise UserError(_load_error("model", name, "model.name_or_path", err)) from None
     except ValueError as err:  # e.g. custom code without model.trust_remote_code=true
         raise UserError(f"could not load model '{name}': {err}") from None
     if quantization:  # norms and embeddings in fp32, every base weight frozen (PEFT's recipe)

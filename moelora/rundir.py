@@ -22,17 +22,6 @@ from moelora.errors import UserError
 from moelora.modeling import load_base_model, load_tokenizer
 
 
-def guard_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """Refuse to train into a folder that already holds a run unless resuming it, so an old
-    adapter or checkpoint is never overwritten by accident."""
-    run_dir = Path(run_dir)
-    if not resume and ((run_dir / "adapter").exists() or (run_dir / "checkpoints").exists()):
-        raise UserError(
-            f"run_dir={run_dir} already holds a training run; pass trainer.resume=true to "
-            f"continue it, or choose a new run_dir."
-        )
-
-
 def require_finished_run(run_dir: str | Path, key: str, needed: tuple[str, ...]) -> Path:
     """The run folder that config key `key` names, once it holds every path in `needed`."""
     run_dir = Path(run_dir)
@@ -72,6 +61,12 @@ def check_resume_config(run_dir: str | Path, current: dict) -> None:
     if not saved_file.is_file():
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    was, now = saved["method"].get("name"), current["method"].get("name")
+    if was != now:
+        raise UserError(
+            f"trainer.resume: {run_dir} is a {was} run, and this command asks for method={now}; "
+            f"resume with method={was}, or choose a new run_dir for {now}."
+        )
     for group in ("method", "data"):
         changed = sorted(
             k

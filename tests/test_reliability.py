@@ -171,10 +171,11 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(monkeypatch, tm
 
     monkeypatch.setattr(checkpoint, "save_whole_adapter", fails_the_second_time)
     steps = ["trainer.max_steps=12", "trainer.save_every=4"]
-    with pytest.raises(UserError) as failed:
+    with pytest.raises(RunStopped) as failed:
         train(compose_config("train", [*COMMON, *steps], run_dir))
     message = str(failed.value)
-    assert "step-00000008 failed ([Errno 28] No space left on device)" in message
+    assert failed.value.exit_code == 3
+    assert "step-00000008 failed (No space left on device)" in message
     assert f"{run_dir / 'checkpoints' / 'step-00000004'} is intact" in message
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
     monkeypatch.undo()

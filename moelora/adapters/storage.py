@@ -1,4 +1,5 @@
-"""Saving and loading an adapter: safetensors weights plus a self-describing JSON config."""
+"""Saving and loading an adapter: safetensors weights plus a self-describing JSON config. A
+damaged or incomplete file stops in one sentence that names it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from transformers import PreTrainedModel
 
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.model import AdaptedModel
+from moelora.atomic import error_words, io_errors
+from moelora.errors import UserError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -40,7 +43,10 @@ def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedM
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}; pass a saved adapter folder.")
-    description = json.loads((directory / CONFIG_NAME).read_text())
+    try:
+        description = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise UserError(_damaged(directory / CONFIG_NAME, err)) from None
     config = AdapterConfig.coerce(description["method"], strict=False)
     model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
     load_adapter_weights(model, directory)
@@ -55,7 +61,18 @@ def load_adapter_weights(
     strict=False skips tensors that do not fit (new experts, a resized router), which keep their
     init: how a run starts from an earlier run's adapter (`trainer.init_adapter_from`).
     """
-    state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(model.device))
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(str(path), device=str(model.device))
+    except io_errors() as err:  # OSError or safetensors' error: missing, cut short, damaged
+        raise UserError(_damaged(path, err)) from None
     kept = model.load_adapter_state_dict(state, strict=strict)
     loaded = [name for name, _ in model.named_adapter_parameters() if name not in kept]
     return loaded, kept
+
+
+def _damaged(path: Path, err: BaseException) -> str:
+    return (
+        f"{path} cannot be read ({error_words(err)}): it is missing, damaged or was cut short; "
+        f"train or copy the adapter again."
+    )

@@ -11,8 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from moelora import atomic  # noqa: E402
+
 if TYPE_CHECKING:
     from moelora.analysis.summary import Row
+
+
+def save_figure(figure: plt.Figure, path: Path, **options: object) -> None:
+    """Write the figure as a PNG through the run's atomic write path, then free it."""
+    try:
+        with atomic.atomic(path) as tmp:
+            figure.savefig(tmp, format="png", **options)
+    finally:
+        plt.close(figure)
 
 
 def plot_summary(rows: list[Row], tasks: list[str], path: Path) -> None:
@@ -31,7 +42,7 @@ def plot_summary(rows: list[Row], tasks: list[str], path: Path) -> None:
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 
@@ -67,8 +78,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> bool:
         panel.legend(fontsize="small")
     axes[0][0].set_title(title, fontsize="medium")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
     return True
 
 
@@ -103,5 +113,4 @@ def plot_routing(report: dict, path: Path, title: str) -> None:
     axes[0][-1].set_title("share of selections", fontsize="medium")
     figure.colorbar(image, ax=axes[0][: len(names)].tolist(), shrink=0.8, label="mean gate weight")
     figure.suptitle(title, fontsize="medium")
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path, dpi=110, bbox_inches="tight")

@@ -11,7 +11,6 @@ weight 1 beside the router's distribution).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moelora import atomic
 from moelora.data.formatting import batches_on
 from moelora.log import get_logger
 
@@ -202,7 +202,7 @@ def write_routing(
         return {}
     from moelora.analysis.plots import plot_routing
 
-    (out_dir / "routing.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    atomic.write_json(out_dir / "routing.json", report)
     plot_routing(report, out_dir / "routing.png", title)
     for warning in report["warnings"]:
         log.warning(warning)

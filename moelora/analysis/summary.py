@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moelora import atomic
 from moelora.analysis.runs import RunResult, configuration_keys, configuration_label
 from moelora.errors import UserError
 
@@ -158,7 +159,7 @@ def write_markdown(rows: list[Row], path: Path, base: Row) -> None:
     for row in rows:
         for run in sorted(row.runs, key=lambda r: r.seed):
             lines.append(f"- {row.label}, seed {run.seed}: `{run.path}`")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def _info_text(key: str, stat: Stat) -> str:
@@ -172,7 +173,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
     columns = ["configuration", "method", "n", "seeds", "overall_mean", "overall_std"]
     columns += [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
     columns += [f"{key}_mean" for key in INFO_KEYS]
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic.atomic(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
+from moelora.atomic import error_words
 from moelora.errors import UserError
 
 REQUIRED = ("input", "target", "task_dataset")
@@ -32,6 +33,11 @@ def resolve_files(root: str, files: list[str], key: str) -> list[Path]:
             paths += sorted(p for p in path.iterdir() if p.suffix in {".json", ".jsonl"})
         elif path.is_file():
             paths.append(path)
+        elif path.is_symlink():
+            raise UserError(
+                f"{key} names '{name}', but {path} is a symbolic link that leads nowhere (a loop "
+                f"or a missing target); point it at the data file."
+            )
         else:
             raise UserError(f"{key} names '{name}', but {path} does not exist; fix {key}.")
     if not paths:
@@ -44,8 +50,31 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
+def check_text_file(path: Path) -> None:
+    """Stop on a file that cannot be read or is not UTF-8, naming its line: `datasets` would
+    keep the bad bytes and fail far from the file. A byte-order mark and CRLF line ends are
+    fine."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(
+            f"{path} cannot be read ({error_words(err)}); fix its permissions or point the data "
+            f"config at a readable file."
+        ) from None
+    if not data:
+        raise UserError(f"{path} is empty; it must hold one JSON object per line.")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(
+            f"{path}:{line} is not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as "
+            f"UTF-8."
+        ) from None
+
+
 def _first_bad_json_line(path: Path) -> str:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
@@ -63,8 +92,7 @@ def read_rows(path: Path, needs_target: bool = True) -> Dataset:
     datasets.disable_progress_bars()
     if is_saved_dataset(path):
         return normalise(datasets.load_from_disk(str(path)), str(path), needs_target)
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty; it must hold one JSON object per line.")
+    check_text_file(path)
     # datasets logs a parser failure with its traceback before raising; our line says it all.
     json_logger = logging.getLogger("datasets.packaged_modules.json.json")
     was_disabled, json_logger.disabled = json_logger.disabled, True

@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moelora import atomic
 from moelora.errors import UserError
 
 
@@ -94,7 +95,7 @@ class TaskRegistry:
         return cls(list(data["tasks"]), dict(data["domain_of"]), list(data.get("domains", [])))
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+        atomic.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> TaskRegistry:

@@ -12,6 +12,7 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from moelora.adapters import get_method, method_names
+from moelora.atomic import atomic
 from moelora.config import PredictConfig
 from moelora.data.formatting import PromptFormatter, tokenize_split
 from moelora.data.pipeline import check_files, read_rows_to_answer
@@ -75,7 +76,7 @@ def predict_command(raw: DictConfig) -> None:
 
 def write_submission(path: Path, rows: Dataset, answers: list[str]) -> None:
     """Every row with its fields, in input order, the generated answer in `target`."""
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row, answer in zip(rows, answers, strict=True):
             record = {field: row[field] for field in SUBMISSION_FIELDS} | {"target": answer}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

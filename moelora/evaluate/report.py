@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moelora import atomic
+
 
 def _cell(scores: dict | None, task: str | None) -> str:
     if scores is None:
@@ -78,16 +80,13 @@ def write_report(
     info: dict[str, Any],
     figures: dict[str, str] | None = None,
 ) -> None:
-    metrics = {"info": info, **{name: scores for name, scores in columns.items()}}
-    (directory / "metrics.json").write_text(
-        json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8"
-    )
-    report = render_report(title, columns, info, figures)
-    (directory / "report.md").write_text(report, encoding="utf-8")
+    """report.md, then metrics.json: the file whose presence says a run has finished."""
+    atomic.write_text(directory / "report.md", render_report(title, columns, info, figures))
+    atomic.write_json(directory / "metrics.json", {"info": info, **columns})
 
 
 def write_predictions(path: Path, rows, predictions: list[str]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic.atomic(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row, prediction in zip(rows, predictions, strict=True):
             record = {
                 "sample_id": row["sample_id"],

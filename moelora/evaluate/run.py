@@ -19,6 +19,7 @@ from moelora.analysis.routing import write_routing
 from moelora.config import EvalConfig, EvalRunConfig, GenerationRunConfig, TrainConfig
 from moelora.data.formatting import answer_tokens, batches_on
 from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
+from moelora.data.reader import check_text_file
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
@@ -260,10 +261,12 @@ def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:
     path = Path(cfg.predictions)
     if not path.is_file():
         raise UserError(f"predictions='{path}' does not exist; pass a JSONL of predictions.")
+    check_text_file(path)
     gold = list(read_eval_rows(cfg.data))
     by_id = {row["sample_id"]: row for row in gold}
+    gold_files = ", ".join(str(Path(cfg.data.root) / name) for name in cfg.data.eval_files)
     predicted: dict[str, str] = {}
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -277,7 +280,7 @@ def _score_file(cfg: EvalRunConfig, out_dir: Path) -> None:
             if sample_id not in by_id:
                 raise UserError(
                     f"{path}:{number} has sample_id {sample_id}, which is not in the gold set "
-                    f"{cfg.data.root}/{cfg.data.eval_files}; check data= and data.root=."
+                    f"({cfg.data.dataset or gold_files}); check data= and data.root=."
                 )
             predicted[sample_id] = text
     missing = len(gold) - len(predicted)

@@ -1,11 +1,14 @@
 """Checkpoints that hold only what training changes: the adapter, optimizer, scheduler, RNG and
 the position in the data stream (with the losses not yet logged). Written to a temporary folder
 and renamed, so a crash or a failed write mid-save never leaves a half checkpoint that resume
-would pick up, and the previous checkpoint stays the newest complete one."""
+would pick up, and the previous checkpoint stays the newest complete one. Every process agrees
+on a failed write, so all of them stop with the same line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,13 +17,13 @@ import torch
 from accelerate import Accelerator
 
 from moelora.adapters import load_adapter_weights, save_adapter
-from moelora.errors import UserError
+from moelora.atomic import WriteFailed, atomic, error_words, io_errors
+from moelora.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from moelora.hardware import deepspeed_of, gathered
 from moelora.log import get_logger
+from moelora.resume import STATE_FILE, complete_checkpoints
 
 log = get_logger(__name__)
-
-STATE_FILE = "trainer_state.json"
 
 
 def save_whole_adapter(
@@ -32,6 +35,26 @@ def save_whole_adapter(
     with gathered(accelerator, [p for _, p in unwrapped.named_adapter_parameters()]):
         if accelerator.is_main_process:
             save_adapter(unwrapped, directory, metadata)
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (a barrier too)."""
+    local = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(local, reduction="sum").item() > 0)
+
+
+def save_final_adapter(accelerator: Accelerator, model, directory: Path, metadata: dict) -> None:
+    """The run's adapter, written whole or not at all (the main process writes a temporary
+    folder and renames it); a failed write stops every process with the same line."""
+    failure: WriteFailed | None = None
+    main = accelerator.is_main_process
+    try:
+        with atomic(directory) if main else contextlib.nullcontext(directory) as target:
+            save_whole_adapter(accelerator, model, target, metadata)
+    except WriteFailed as err:
+        failure = err
+    if any_process(accelerator, failure is not None):
+        raise failure or WriteFailed(directory, OSError("the write failed on another process"))
 
 
 @dataclass
@@ -48,14 +71,6 @@ class TrainState:
     window_aux: dict[str, list[float]] = field(default_factory=dict)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
     bad_in_a_row: int = 0
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The checkpoints under `root` that were written to the end, oldest first."""
-    if not root.is_dir():
-        return []
-    found = (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    return sorted(p for p in found if (p / STATE_FILE).is_file())
 
 
 def check_free_space(root: Path, adapter_parameters: int, saves: int) -> None:
@@ -95,7 +110,8 @@ class Checkpointer:
 
     def save(self, state: TrainState) -> Path:
         """Write `tmp-<step>`, then rename it `step-<step>`. A write that fails on any process
-        (disk full, permission) removes the temporary folder and stops in one sentence."""
+        (disk full, permission) removes the temporary folder and stops in one sentence (exit
+        code 3); `tmp-*` folders of a killed process are swept at the next start."""
         final = self.root / f"step-{state.global_step:08d}"
         tmp = self.root / f"tmp-{state.global_step:08d}"
         main = self.accelerator.is_main_process
@@ -110,10 +126,10 @@ class Checkpointer:
             save_whole_adapter(self.accelerator, self.model, tmp)
             if main:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        except (OSError, RuntimeError) as err:  # torch's writer raises RuntimeError on a full disk
-            failure = str(err).splitlines()[0] if str(err) else type(err).__name__
+        except (*io_errors(), RuntimeError) as err:  # torch's writer: RuntimeError
+            failure = error_words(err)
         # Every process writes its own RNG file into `tmp`: all must finish before the rename.
-        if self._any(failure is not None):
+        if any_process(self.accelerator, failure is not None):
             self._give_up(tmp, final, failure)
         if main:
             shutil.rmtree(final, ignore_errors=True)
@@ -123,21 +139,17 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _any(self, flag: bool) -> bool:
-        """Whether `flag` holds on any process (a barrier too)."""
-        local = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(local, reduction="sum").item() > 0)
-
     def _give_up(self, tmp: Path, final: Path, failure: str | None) -> None:
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         previous = self.checkpoints()
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(
+        raise RunStopped(
             f"writing checkpoint {final} failed ({failure or 'on another process'}); {kept}; "
-            f"free space under {self.root} or fix its permissions, then resume with "
-            f"trainer.resume=true."
+            f"free space under {self.root} or fix its permissions, then run the same command "
+            f"with trainer.resume=auto.",
+            STOPPED_EXIT_CODE,
         )
 
     def latest_state(self) -> TrainState | None:
@@ -158,11 +170,20 @@ class Checkpointer:
 
     def load_latest(self) -> TrainState:
         """Restore the newest checkpoint. Under DeepSpeed the engine restores the adapter with
-        its optimizer partitions (the frozen base was left out, hence non-strict)."""
-        latest = self.checkpoints()[-1]
-        if self._deepspeed:
-            self.accelerator.load_state(str(latest), load_module_strict=False)
-        else:
-            self.accelerator.load_state(str(latest))
-            load_adapter_weights(self.accelerator.unwrap_model(self.model), latest)
-        return TrainState(**json.loads((latest / STATE_FILE).read_text()))
+        its optimizer partitions (the frozen base was left out, hence non-strict). A damaged
+        file stops in one line that says how to fall back to the checkpoint before it."""
+        found = self.checkpoints()
+        latest = found[-1]
+        try:
+            if self._deepspeed:
+                self.accelerator.load_state(str(latest), load_module_strict=False)
+            else:
+                self.accelerator.load_state(str(latest))
+                load_adapter_weights(self.accelerator.unwrap_model(self.model), latest)
+            return TrainState(**json.loads((latest / STATE_FILE).read_text()))
+        except (*io_errors(), RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+            earlier = f"to resume from {found[-2]}" if len(found) > 1 else "to start over"
+            raise UserError(
+                f"checkpoint {latest} is damaged ({error_words(err)}); move it out of "
+                f"{self.root} {earlier}, or restore it from a backup."
+            ) from None

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moelora import atomic
+
 HISTORY_FILE = "history.jsonl"
 
 
@@ -18,8 +20,7 @@ class History:
 
     def append(self, step: int, values: dict[str, float]) -> None:
         if self.writer:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
+            atomic.append_text(self.path, json.dumps({"step": step, **values}) + "\n")
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -31,7 +32,7 @@ class History:
         """Drop what was logged after `step` (a resumed run logs those steps again)."""
         if self.writer and self.path.exists():
             kept = [row for row in self.read() if row["step"] <= step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), "utf-8")
+            atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def values(self, key: str) -> list[float]:
         return [row[key] for row in self.read() if key in row]

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from moelora import atomic, run_lock
 from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
 from moelora.analysis.routing import write_routing
 from moelora.config import TrainConfig, to_container
@@ -35,7 +36,7 @@ from moelora.data.formatting import loss_loader
 from moelora.data.mixture import STAGE_ROWS, MixtureSampler, stage_sampler
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
-from moelora.errors import RunStopped, UserError
+from moelora.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from moelora.evaluate.report import write_report
 from moelora.evaluate.run import (
     eval_loss,
@@ -56,22 +57,21 @@ from moelora.hardware import (
 from moelora.launch import launch_this_command, needs_launch
 from moelora.log import get_logger
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
-from moelora.rundir import check_resume_config, guard_run_dir, read_init_run
+from moelora.resume import FINISHED_FILE, plan_run
+from moelora.rundir import check_resume_config, read_init_run
 from moelora.train.checkpoint import (
     Checkpointer,
     TrainState,
     check_free_space,
-    complete_checkpoints,
-    save_whole_adapter,
+    save_final_adapter,
 )
-from moelora.train.history import History
+from moelora.train.history import HISTORY_FILE, History
 from moelora.train.signals import StopRequest, interrupted
 from moelora.train.step import StepResult, add_to_window, flush_window, forward_backward
 
 log = get_logger(__name__)
 
 CURVES_FILE = "curves.png"
-DIVERGED_EXIT_CODE = 3  # stopped after trainer.max_bad_steps non-finite steps in a row
 
 
 def load_train_config(raw: DictConfig) -> TrainConfig:
@@ -80,18 +80,6 @@ def load_train_config(raw: DictConfig) -> TrainConfig:
         cfg = OmegaConf.to_object(raw)
     except ValueError as err:
         raise UserError(str(err)) from None
-    found = complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
-    if cfg.trainer.resume == "auto":  # one job script for the first start and every restart
-        cfg.trainer.resume = bool(found)
-        log.info(
-            f"trainer.resume=auto: {'resuming from ' + str(found[-1]) if found else 'starting'}"
-        )
-    elif cfg.trainer.resume and not found:
-        raise UserError(
-            f"trainer.resume=true, but {cfg.run_dir} has no complete checkpoint; pass "
-            f"run_dir=<a run with checkpoints/step-*>, or trainer.resume=auto to start when "
-            f"there is none."
-        )
     method = method_of(cfg.method)
     added = method.added_domains()
     if added and not cfg.trainer.init_adapter_from:
@@ -154,12 +142,25 @@ class Progress:
 
 
 def train(raw_cfg: DictConfig) -> dict:
-    """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it)."""
+    """Run the whole recipe; returns what metrics.json holds (a sweep's objective can use it).
+    The run directory is locked against a second run for as long as this one runs."""
     cfg = load_train_config(raw_cfg)
-    finished = _read_json(Path(cfg.run_dir) / "metrics.json")
-    if raw_cfg.trainer.resume == "auto" and finished is not None:
-        log.info(f"trainer.resume=auto: {cfg.run_dir} has finished already (metrics.json)")
-        return finished
+    run_lock.acquire(cfg.run_dir)
+    try:
+        return _train(cfg, raw_cfg)
+    finally:
+        run_lock.release(cfg.run_dir)
+
+
+def _train(cfg: TrainConfig, raw_cfg: DictConfig) -> dict:
+    plan = plan_run(cfg.run_dir, cfg.trainer.resume)
+    if plan.action == "finished":
+        log.info(f"trainer.resume=auto: {cfg.run_dir} has finished already; nothing to do")
+        return _read_json(Path(cfg.run_dir) / FINISHED_FILE) or {}
+    if cfg.trainer.resume == "auto":
+        where = f"resuming from {plan.checkpoint}" if plan.resumes else "starting"
+        log.info(f"trainer.resume=auto: {where}")
+    cfg.trainer.resume = plan.resumes
     if needs_launch(cfg.hardware):
         launch_this_command(cfg.hardware, "train", f"run_dir={cfg.run_dir}")
         return _read_json(Path(cfg.run_dir) / "metrics.json") or {}
@@ -175,8 +176,7 @@ def train(raw_cfg: DictConfig) -> dict:
 
 
 def prepare(cfg: TrainConfig, raw_cfg: DictConfig) -> Run:
-    """Check the run directory and files, start the processes, read and tokenize the data."""
-    guard_run_dir(cfg.run_dir, cfg.trainer.resume)
+    """Check the run's settings and files, start the processes, read and tokenize the data."""
     if cfg.trainer.resume:
         check_resume_config(cfg.run_dir, to_container(raw_cfg))
     check_files(cfg.data)
@@ -240,11 +240,17 @@ def build(run: Run) -> None:
 
 
 def open_run_dir(run: Run) -> None:
-    """Write config.yaml and tasks.json, start the trackers and find a checkpoint to resume."""
+    """Sweep what a killed process left, write config.yaml and tasks.json (a fresh start also
+    drops an unfinished earlier attempt's history and base scores), start the trackers and find
+    a checkpoint to resume."""
     cfg, accelerator = run.cfg, run.accelerator
     if accelerator.is_main_process:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(run.raw)))
+        for folder in (run.run_dir, run.run_dir / "checkpoints"):
+            atomic.clean_leftovers(folder)
+        if not cfg.trainer.resume:
+            for stale in (run.run_dir / HISTORY_FILE, run.before_file):
+                stale.unlink(missing_ok=True)
+        atomic.write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(to_container(run.raw)))
         run.data.registry.save(run.run_dir / "tasks.json")
     save_deepspeed_config(accelerator, run.run_dir)
     accelerator.init_trackers("train", config=_flat_hparams(run.raw))
@@ -274,7 +280,7 @@ def _score_base(run: Run, model: torch.nn.Module) -> None:
     """Every method starts with B = 0, so the untrained adapted model is exactly its base."""
     before = _score(run, model, "before")
     if run.accelerator.is_main_process:
-        run.before_file.write_text(json.dumps(before, ensure_ascii=False, indent=2))
+        atomic.write_json(run.before_file, before)
 
 
 def score_before(run: Run) -> Callable[[torch.nn.Module], None] | None:
@@ -445,7 +451,7 @@ def _apply(run: Run, stage: Stage, state: TrainState, result: StepResult) -> Non
             f"training stopped at step {state.global_step + 1}: {state.bad_in_a_row} steps in a "
             f"row had a non-finite loss or gradient ({result.parts()}); {last}; lower "
             f"trainer.lr or check the data, then resume with trainer.resume=true.",
-            DIVERGED_EXIT_CODE,
+            STOPPED_EXIT_CODE,
         )
 
 
@@ -495,7 +501,7 @@ def _checkpoints_on_disk(cfg: TrainConfig, method: Method) -> int:
 def save(run: Run) -> None:
     """The trained adapter, with the task registry and the base it belongs to."""
     metadata = {"tasks": run.data.registry.to_dict(), "base_model": run.cfg.model.name_or_path}
-    save_whole_adapter(run.accelerator, run.model, run.run_dir / "adapter", metadata)
+    save_final_adapter(run.accelerator, run.model, run.run_dir / "adapter", metadata)
 
 
 def score_after(run: Run) -> dict[str, dict]:
@@ -535,7 +541,7 @@ def report(run: Run, progress: Progress, columns: dict[str, dict]) -> dict:
         write_report(run.run_dir, title, columns, info, figures)
         log.info((run.run_dir / "report.md").read_text())
     elif accelerator.is_main_process:
-        (run.run_dir / "metrics.json").write_text(json.dumps({"info": info}, indent=2))
+        atomic.write_json(run.run_dir / FINISHED_FILE, {"info": info})
     log.info(f"run directory: {run.run_dir}")
     accelerator.wait_for_everyone()  # then end_training destroys the process group cleanly
     accelerator.end_training()
