@@ -6,6 +6,7 @@ Temporaries left by a killed process are swept by `clean_leftovers` at the next 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from moelora.errors import STOPPED_EXIT_CODE, RunStopped
 
 TMP_MARK = ".moelora-tmp-"  # .<name>.moelora-tmp-<pid>: being written
 OLD_MARK = ".moelora-old-"  # .<name>.moelora-old-<pid>: a replaced folder, removed right after
+FULL_BELOW_BYTES = 2**20  # a write error with less free space than this is a full disk
 
 
 class WriteFailed(RunStopped):
@@ -33,17 +35,26 @@ class WriteFailed(RunStopped):
         self.path = path
 
 
-def error_words(err: BaseException) -> str:
+def error_words(err: BaseException, where: Path | None = None) -> str:
     """The errno's words ("No space left on device") for an OSError or an error that carries an
-    OS error code in its text (safetensors' IoError, torch's writer); else its first line."""
+    OS error code in its text (safetensors' IoError); else its first line. torch's writer says
+    only "unexpected pos" on a full disk: when the disk under `where` is (nearly) full, that is
+    what is said."""
     code = getattr(err, "errno", None)
     if code is None:
         found = re.search(r"(?:code: |errno:? ?|Errno )(\d+)", str(err))
         code = int(found.group(1)) if found else None
+    if code is None and where is not None and _nearly_full(where):
+        code = errno.ENOSPC
     if code:
         return os.strerror(code)
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _nearly_full(where: Path) -> bool:
+    probe = next((p for p in (where, *where.parents) if p.exists()), None)
+    return probe is not None and shutil.disk_usage(probe).free < FULL_BELOW_BYTES
 
 
 def io_errors() -> tuple[type[BaseException], ...]:

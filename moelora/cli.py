@@ -163,19 +163,25 @@ def _translate(command: str, overrides: list[str]) -> tuple[list[str], str | Non
     from moelora.resume import plan_run
     from moelora.rundir import guard_eval_output
 
-    folder, locked = folders[-1], None
+    folder = folders[-1]
+    overrides = [f"hydra.run.dir={folder}", *overrides]  # before any --flag argparse reads
     with _one_line_errors(command):
-        resume = _resume_setting(overrides) if command == "train" else None
-        # An unknown value is left to the config's own check, which names it.
-        if resume in (True, False, "auto") and plan_run(folder, resume).action == "finished":
+        if command != "train":
+            guard_eval_output(folder)
+            return overrides, None
+        run_lock.acquire(folder)  # first: a folder in use is refused for that reason
+        try:
+            resume = _resume_setting(overrides)
+            # An unknown value is left to the config's own check, which names it.
+            plan = plan_run(folder, resume) if resume in (True, False, "auto") else None
+        except BaseException:
+            run_lock.release(folder)
+            raise
+        if plan is not None and plan.action == "finished":
+            run_lock.release(folder)
             print(f"moelora train: run_dir={folder} has finished already; nothing to do.")
             raise SystemExit(0)
-        if command == "train":
-            run_lock.acquire(folder)
-            locked = folder
-        else:
-            guard_eval_output(folder)
-    return [f"hydra.run.dir={folder}", *overrides], locked  # before any --flag argparse reads
+    return overrides, folder
 
 
 def _resume_setting(overrides: list[str]) -> bool | str:

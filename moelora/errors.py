@@ -11,6 +11,15 @@ class UserError(ValueError):
     it without a traceback and exits with status 2."""
 
 
+class DamagedFile(UserError):
+    """A file that is there but cannot be read whole (cut short, damaged, not what its name
+    says); `words` is the reader's reason, for callers that name the file's owner instead."""
+
+    def __init__(self, path: object, words: str, fix: str) -> None:
+        super().__init__(f"{path} cannot be read ({words}): it is damaged or was cut short; {fix}")
+        self.path, self.words = path, words
+
+
 class RunStopped(Exception):
     """A run stopped before its end, on purpose and with its checkpoints in order; the CLI
     prints the message in one line and exits with `exit_code`."""

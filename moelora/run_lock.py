@@ -18,7 +18,7 @@ from moelora.errors import UserError
 LOCK_NAME = ".lock"
 INHERITED = "MOELORA_RUN_LOCK"  # set for the processes a launching `moelora train` starts
 
-_held: dict[Path, tuple[int, int]] = {}  # folder -> (file descriptor, times acquired)
+_held: dict[Path, list[int]] = {}  # folder -> [file descriptor, times acquired, created it]
 
 
 def _needs_lock(folder: Path) -> bool:
@@ -32,13 +32,13 @@ def acquire(run_dir: str | Path) -> None:
     process holds it. Creates the folder."""
     folder = Path(run_dir).resolve()
     if folder in _held:
-        fd, count = _held[folder]
-        _held[folder] = (fd, count + 1)
+        _held[folder][1] += 1
         return
     if not _needs_lock(folder):
         return
     if folder.exists() and not folder.is_dir():
         raise UserError(f"run_dir={run_dir} is a file, not a folder; choose a folder for the run.")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -52,19 +52,23 @@ def acquire(run_dir: str | Path) -> None:
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-    _held[folder] = (fd, 1)
+    _held[folder] = [fd, 1, created]
     os.environ[INHERITED] = str(folder)
 
 
 def release(run_dir: str | Path) -> None:
-    """Give up one hold; the lock goes with the last one (the file stays, empty of meaning)."""
+    """Give up one hold; the lock and its file go with the last one. A folder that the lock
+    created and nothing else used (the command stopped before writing) is removed again."""
     folder = Path(run_dir).resolve()
     if folder not in _held:
         return
-    fd, count = _held.pop(folder)
-    if count > 1:
-        _held[folder] = (fd, count - 1)
+    _held[folder][1] -= 1
+    if _held[folder][1] > 0:
         return
+    fd, _, created = _held.pop(folder)
+    (folder / LOCK_NAME).unlink(missing_ok=True)  # while still held, so no one else's goes
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
     os.close(fd)  # closing drops the flock
     if os.environ.get(INHERITED) == str(folder):
         del os.environ[INHERITED]

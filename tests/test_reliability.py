@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from moelora.adapters.model import AdaptedModel
-from moelora.errors import RunStopped, UserError
+from moelora.errors import RunStopped
 from moelora.train.loop import train
 from tests.conftest import REPO, compose_config
 from tests.test_train import SMALL
@@ -175,7 +175,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(monkeypatch, tm
         train(compose_config("train", [*COMMON, *steps], run_dir))
     message = str(failed.value)
     assert failed.value.exit_code == 3
-    assert "step-00000008 failed (No space left on device)" in message
+    assert "writing " in message and "step-00000008 failed (No space left on device)" in message
     assert f"{run_dir / 'checkpoints' / 'step-00000004'} is intact" in message
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.model import AdaptedModel
 from moelora.atomic import error_words, io_errors
-from moelora.errors import UserError
+from moelora.errors import DamagedFile
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -46,7 +46,7 @@ def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedM
     try:
         description = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise UserError(_damaged(directory / CONFIG_NAME, err)) from None
+        raise _damaged(directory / CONFIG_NAME, err) from None
     config = AdapterConfig.coerce(description["method"], strict=False)
     model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
     load_adapter_weights(model, directory)
@@ -65,14 +65,11 @@ def load_adapter_weights(
     try:
         state = load_file(str(path), device=str(model.device))
     except io_errors() as err:  # OSError or safetensors' error: missing, cut short, damaged
-        raise UserError(_damaged(path, err)) from None
+        raise _damaged(path, err) from None
     kept = model.load_adapter_state_dict(state, strict=strict)
     loaded = [name for name, _ in model.named_adapter_parameters() if name not in kept]
     return loaded, kept
 
 
-def _damaged(path: Path, err: BaseException) -> str:
-    return (
-        f"{path} cannot be read ({error_words(err)}): it is missing, damaged or was cut short; "
-        f"train or copy the adapter again."
-    )
+def _damaged(path: Path, err: BaseException) -> DamagedFile:
+    return DamagedFile(path, error_words(err), "train or copy the adapter again.")

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from moelora.adapters import load_adapter_weights, save_adapter
 from moelora.atomic import WriteFailed, atomic, error_words, io_errors
-from moelora.errors import STOPPED_EXIT_CODE, RunStopped, UserError
+from moelora.errors import STOPPED_EXIT_CODE, DamagedFile, RunStopped, UserError
 from moelora.hardware import deepspeed_of, gathered
 from moelora.log import get_logger
 from moelora.resume import STATE_FILE, complete_checkpoints
@@ -127,7 +127,7 @@ class Checkpointer:
             if main:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         except (*io_errors(), RuntimeError) as err:  # torch's writer: RuntimeError
-            failure = error_words(err)
+            failure = error_words(err, self.root)
         # Every process writes its own RNG file into `tmp`: all must finish before the rename.
         if any_process(self.accelerator, failure is not None):
             self._give_up(tmp, final, failure)
@@ -146,7 +146,7 @@ class Checkpointer:
         previous = self.checkpoints()
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise RunStopped(
-            f"writing checkpoint {final} failed ({failure or 'on another process'}); {kept}; "
+            f"writing {final} failed ({failure or 'on another process'}); {kept}; "
             f"free space under {self.root} or fix its permissions, then run the same command "
             f"with trainer.resume=auto.",
             STOPPED_EXIT_CODE,
@@ -166,7 +166,10 @@ class Checkpointer:
                     f"{self.accelerator.num_processes}; resume with "
                     f"hardware.num_processes={saved_by}."
                 )
-        return TrainState(**json.loads((found[-1] / STATE_FILE).read_text()))
+        try:
+            return _read_state(found[-1])
+        except (OSError, ValueError, TypeError) as err:  # cut short, not JSON, other fields
+            raise self._damaged(found, err) from None
 
     def load_latest(self) -> TrainState:
         """Restore the newest checkpoint. Under DeepSpeed the engine restores the adapter with
@@ -180,10 +183,21 @@ class Checkpointer:
             else:
                 self.accelerator.load_state(str(latest))
                 load_adapter_weights(self.accelerator.unwrap_model(self.model), latest)
-            return TrainState(**json.loads((latest / STATE_FILE).read_text()))
+            return _read_state(latest)
         except (*io_errors(), RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-            earlier = f"to resume from {found[-2]}" if len(found) > 1 else "to start over"
-            raise UserError(
-                f"checkpoint {latest} is damaged ({error_words(err)}); move it out of "
-                f"{self.root} {earlier}, or restore it from a backup."
-            ) from None
+            raise self._damaged(found, err) from None
+
+    def _damaged(self, found: list[Path], err: BaseException) -> UserError:
+        """The newest checkpoint cannot be read: say which file and how to use the one before."""
+        words = (
+            f"{err.path.name}: {err.words}" if isinstance(err, DamagedFile) else error_words(err)
+        )
+        earlier = f"to resume from {found[-2]}" if len(found) > 1 else "to start over"
+        return UserError(
+            f"checkpoint {found[-1]} is damaged ({words}); move it out of {self.root} "
+            f"{earlier}, or restore it from a backup."
+        )
+
+
+def _read_state(checkpoint: Path) -> TrainState:
+    return TrainState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
