@@ -422,3 +422,72 @@ def test_a_killed_process_leftovers_are_swept_and_a_half_swapped_folder_restored
     (tmp_path / "peft").mkdir()  # ... or after the second
     atomic.clean_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "peft"]
+
+
+# --------------------------------------------------------------------------------------------
+# One resume decision
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_issue_s_requeue_command_finishes_then_returns_and_resumes_a_cut_run(
+    capsys, tmp_path
+) -> None:
+    """The same command twice: the second returns at once; with only checkpoints/ left (the
+    run was cut short after its last checkpoint) it resumes and finishes."""
+    run_dir = tmp_path / "R"
+    command = ["train", "+experiment=demo", "trainer.max_steps=6", "trainer.save_every=3"]
+    command += ["eval.enabled=false", f"run_dir={run_dir}", "trainer.resume=auto"]
+    first = in_process(capsys, *command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = in_process(capsys, *command)
+    assert second.returncode == 0 and "has finished already" in second.stdout
+    for name in ("metrics.json", "history.jsonl", "config.yaml", "tasks.json"):
+        (run_dir / name).unlink()
+    shutil.rmtree(run_dir / "adapter")
+    third = in_process(capsys, *command)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'step-00000006'}" in third.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["info"]["steps"] == 6
+
+
+def make_run(folder: Path, *, config=False, checkpoint=False, partial=False, finished=False):
+    folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / "moelora-train.log").write_text("")
+    if config:
+        (folder / "config.yaml").write_text("{}")
+    if checkpoint:
+        (folder / "checkpoints" / "step-00000002").mkdir(parents=True)
+        (folder / "checkpoints" / "step-00000002" / "trainer_state.json").write_text("{}")
+    if partial:
+        (folder / "checkpoints" / "tmp-00000004").mkdir(parents=True)
+    if finished:
+        (folder / "adapter").mkdir()
+        (folder / "metrics.json").write_text("{}")
+
+
+# (what the folder holds, resume=false, resume=true, resume=auto); None: refused
+PLANS = [
+    ({}, "start", None, "start"),
+    ({"config": True}, "start", None, "start"),
+    ({"config": True, "partial": True}, None, None, "start"),
+    ({"config": True, "checkpoint": True}, None, "resume", "resume"),
+    ({"config": True, "checkpoint": True, "partial": True}, None, "resume", "resume"),
+    ({"config": True, "checkpoint": True, "finished": True}, None, "resume", "finished"),
+]
+
+
+@pytest.mark.parametrize(("holds", "false", "true", "auto"), PLANS)
+def test_one_decision_for_every_folder_and_setting(holds, false, true, auto, tmp_path) -> None:
+    from moelora.errors import UserError
+    from moelora.resume import plan_run
+
+    folder = tmp_path / "run"
+    make_run(folder, **holds)
+    for resume, expected in ((False, false), (True, true), ("auto", auto)):
+        if expected is None:
+            with pytest.raises(UserError, match=f"run_dir={folder}|trainer.resume=true, but"):
+                plan_run(folder, resume)
+        else:
+            assert plan_run(folder, resume).action == expected, resume
+    assert plan_run(tmp_path / "absent", "auto").action == "start"
