@@ -10,16 +10,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from moelora.adapters import AdaptedModel, AdapterConfig, load_adapter
 from moelora.adapters.config import SHAPE_FIELDS
 from moelora.adapters.storage import CONFIG_NAME, WEIGHTS_NAME
+from moelora.atomic import error_words
 from moelora.config import DataConfig, EvalConfig, ModelConfig
 from moelora.data.tasks import TaskRegistry
-from moelora.errors import UserError
+from moelora.errors import DamagedFile, UserError
 from moelora.modeling import load_base_model, load_tokenizer
+
+
+def read_run_file(path: Path) -> Any:
+    """One of a run's own JSON or YAML files; a damaged one stops in one line naming it."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text(encoding="utf-8"))
+        return OmegaConf.load(path)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise DamagedFile(path, error_words(err), "restore it, or train the run again.") from None
 
 
 def require_finished_run(run_dir: str | Path, key: str, needed: tuple[str, ...]) -> Path:
@@ -40,7 +52,7 @@ def read_init_run(run_dir: str | Path, method: AdapterConfig) -> TaskRegistry:
     run_dir = require_finished_run(
         run_dir, key, ("tasks.json", f"adapter/{CONFIG_NAME}", f"adapter/{WEIGHTS_NAME}")
     )
-    saved = json.loads((run_dir / "adapter" / CONFIG_NAME).read_text())["method"]
+    saved = read_run_file(run_dir / "adapter" / CONFIG_NAME)["method"]
     differ = [
         f"{name}={saved.get(name)!r} there, {getattr(method, name)!r} here"
         for name in SHAPE_FIELDS
@@ -60,7 +72,7 @@ def check_resume_config(run_dir: str | Path, current: dict) -> None:
     saved_file = Path(run_dir) / "config.yaml"
     if not saved_file.is_file():
         return
-    saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    saved = OmegaConf.to_container(read_run_file(saved_file))
     was, now = saved["method"].get("name"), current["method"].get("name")
     if was != now:
         raise UserError(
@@ -109,7 +121,7 @@ def read_run(run_dir: str | Path, changes: Mapping[str, Any] | None = None) -> R
     """The run's settings with `changes` ({"data.root": ...}) on top, interpolations resolved
     against the run: the same adapter scored on a moved dataset or a model at another path."""
     run_dir = require_finished_run(run_dir, "run_dir", ("config.yaml", "tasks.json", "adapter"))
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = read_run_file(run_dir / "config.yaml")
     for key, value in (changes or {}).items():
         OmegaConf.update(saved, key, value, merge=False)
     OmegaConf.resolve(saved)

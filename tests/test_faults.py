@@ -321,14 +321,22 @@ def cut_in_half(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def test_eval_of_a_run_whose_adapter_was_cut_short_stops_in_one_line(
-    finished, capsys, tmp_path
+RUN_FILES = ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+RUN_FILES += ["tasks.json", "config.yaml"]
+
+
+@pytest.mark.parametrize("damaged", RUN_FILES)
+def test_eval_of_a_run_with_a_damaged_file_stops_in_one_line(
+    damaged, finished, capsys, tmp_path
 ) -> None:
     run_dir = copy_of(finished, tmp_path)
-    weights = run_dir / "adapter" / "adapter_model.safetensors"
-    cut_in_half(weights)
+    path = run_dir / damaged
+    if path.suffix == ".safetensors":
+        cut_in_half(path)
+    else:
+        path.write_text("{ cut: [")
     result = in_process(capsys, "eval", f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}")
-    line = one_line(result, 2, str(weights), "is damaged or was cut short")
+    line = one_line(result, 2, f"{path} cannot be read (", "is damaged or was cut short")
     assert line.startswith("moelora eval: error: ")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moelora import atomic
-from moelora.errors import UserError
+from moelora.errors import DamagedFile, UserError
 
 
 @dataclass
@@ -99,7 +99,10 @@ class TaskRegistry:
 
     @classmethod
     def load(cls, path: Path) -> TaskRegistry:
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DamagedFile(path, atomic.error_words(err), "restore it from the run.") from None
 
 
 def check_added_domains(
