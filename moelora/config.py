@@ -18,6 +18,7 @@ STRATEGIES = ("single", "ddp", "deepspeed")
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 SCHEDULERS = ("cosine", "linear", "constant")
 TEMPLATES = ("auto", "chat", "plain")
+PACKINGS = ("none", "grouped", "packed")
 LENGTH_POLICIES = ("truncate_input", "drop", "error")
 SCORER_CHOICES = ("official", "lenient", "both")
 TINY_ARCHITECTURES = ("llama", "qwen2")  # transformers model types the tiny base can take
@@ -122,15 +123,33 @@ class DataConfig:
     system_prompt: str | None = None
     domains: dict[str, str] = field(default_factory=dict)  # task -> domain (default: task_type)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    # How a batch's rows become tensors (training and eval loss): none (each row padded to the
+    # batch's longest), grouped (rows of similar length batched together, within windows of
+    # group_window batches of the epoch's order), or packed (the batch's rows concatenated
+    # into sequences of at most pack_length tokens, attention kept within each row).
+    packing: str = "none"
+    pack_length: int | None = None  # default: max_source_length + max_target_length
+    group_window: int = 50
 
     def __post_init__(self) -> None:
         check_choice("data.template", self.template, TEMPLATES)
         check_choice("data.length_policy", self.length_policy, LENGTH_POLICIES)
+        check_choice("data.packing", self.packing, PACKINGS)
+        check_range("data.pack_length", self.pack_length, 2, optional=True)
+        check_range("data.group_window", self.group_window, 1)
         check_range("data.max_source_length", self.max_source_length, 1)
         check_range("data.max_target_length", self.max_target_length, 1)
         check_range(
             "data.max_eval_samples_per_task", self.max_eval_samples_per_task, 1, optional=True
         )
+
+    @property
+    def packed_length(self) -> int | None:
+        """The most tokens of a packed sequence, when packing; a longer row follows the length
+        policy like one over the source/target limits."""
+        if self.packing != "packed":
+            return None
+        return self.pack_length or self.max_source_length + self.max_target_length
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from moelora.config import register_configs
-from moelora.data.formatting import loss_loader
+from moelora.data.batching import loss_loader
 from moelora.paths import CONFIG_DIR
 from moelora.train import loop
 

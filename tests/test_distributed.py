@@ -115,6 +115,27 @@ def test_two_processes_train_like_one(hardware: str, reference: Path, tmp_path: 
     assert len(rows) == 8
 
 
+# moelora's task gate under packing: each rank packs its own rows, every token reads its row's
+# task. One padded process is the reference.
+PACKED = ["method=moelora", "eval.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def padded_moelora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("padded_moelora")
+    single(run_dir, *PACKED, "trainer.batch_size=8")
+    return run_dir
+
+
+@pytest.mark.parametrize("hardware", ["ddp", "zero3"])
+def test_two_processes_packing_their_rows_train_like_one_padded(
+    hardware: str, padded_moelora: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / hardware
+    launched(run_dir, hardware, *PACKED, "trainer.batch_size=4", "data.packing=packed")
+    assert_same_training(run_dir, padded_moelora)
+
+
 def test_two_process_eval_scores_like_the_run(reference: Path, tmp_path: Path) -> None:
     """`moelora eval run_dir=... hardware=ddp` launches too and shares the dev set between the
     processes: with the run's own eval settings, the answers and scores of its final scoring."""

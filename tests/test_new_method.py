@@ -35,7 +35,7 @@ class ParityGate(nn.Module):
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         task_ids = routing.state.ids("task_ids", x.shape[0])
-        return per_row(F.one_hot(task_ids % 2, 2).float(), x)
+        return per_row(F.one_hot(task_ids % 2, 2).float(), x, routing.state)
 
 
 @dataclass

@@ -15,8 +15,11 @@ from moelora.adapters.losses import importance_losses, load_balance_losses, toke
 from moelora.adapters.routing import Routing, RoutingState, expand_rows
 
 
-def per_row(weights: Tensor, x: Tensor) -> Tensor:
-    """(batch, E) row weights as (batch, 1, ..., E) so that they broadcast over x's tokens."""
+def per_row(weights: Tensor, x: Tensor, state: RoutingState) -> Tensor:
+    """(rows, E) row weights, shaped to broadcast over x's tokens: (batch, 1, ..., E) for a
+    batch of rows, each token's row's weights (packs, seq, E) for a packed batch."""
+    if state.segments is not None:
+        return state.rows_to_tokens(weights, x)
     weights = expand_rows(weights, x.shape[0], "the gate's task/domain ids")
     return weights.view(weights.shape[0], *([1] * (x.dim() - 2)), weights.shape[-1])
 
@@ -55,7 +58,8 @@ class TaskGate(nn.Module):
         return self.proj(e).softmax(-1)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        return per_row(self.weights(routing.state.ids("task_ids", x.shape[0])), x)
+        state = routing.state
+        return per_row(self.weights(state.ids("task_ids", x.shape[0])), x, state)
 
 
 class SharedTaskWeights(nn.Module):
@@ -69,7 +73,7 @@ class SharedTaskWeights(nn.Module):
             raise ValueError(
                 "moelora routes by task: pass task_ids to AdaptedModel.forward/generate."
             )
-        return per_row(weights, x)
+        return per_row(weights, x, routing.state)
 
 
 class TopKRouter(nn.Module):
@@ -163,7 +167,7 @@ class DomainGate(nn.Module):
             domain = state.ids("domain_ids", x.shape[0])
             g = F.one_hot(domain + 1, self.num_domains + 1).float()
             g[:, 0] = float(self.residual)
-            return per_row(g, x)
+            return per_row(g, x, state)
         g = self.row_route(x, state) if self.router_input == "prompt" else self.router(x, routing)
         return torch.cat([torch.ones_like(g[..., :1]), g], -1) if self.residual else g
 
@@ -178,10 +182,10 @@ class DomainGate(nn.Module):
                     "method.router_input=prompt routes each row from its whole prompt: run "
                     "the prompt through AdaptedModel.forward/generate with its attention_mask."
                 )
-            return per_row(kept, x)
+            return per_row(kept, x, state)
         g = self.router.route(self.router.logits(pooled), state, None)
         state.row_gates[id(self)] = g
-        return per_row(g, x)
+        return per_row(g, x, state)
 
     def warm_up(self, x: Tensor, state: RoutingState) -> None:
         """`router_warmup` routes like `domain` (the stage-2 assignment) and trains the router
@@ -199,7 +203,7 @@ class DomainGate(nn.Module):
             logits, mask = self.router.logits(x), state.mask_for(x)
         target = state.ids("domain_ids", x.shape[0]) + (0 if self.residual else 1)
         if logits.dim() == 3:
-            target = target[:, None].expand(logits.shape[:2])
+            target = state.rows_to_tokens(target, x)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
         )

@@ -55,9 +55,11 @@ class AdaptedModel(nn.Module):
         attention_mask: Tensor | None = None,
         collect_aux: bool = False,
         labels: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> RoutingState:
-        """The state the layers route by; the shared task gate is evaluated here, once. The
-        prompt is the real tokens without a label (all of them when generating)."""
+        """The state the layers route by; the shared task gate is evaluated here, once (per
+        row). The prompt is the real tokens without a label (all of them when generating). A
+        packed batch's real tokens are those with a row (`segment_ids` >= 0)."""
         if task_ids is not None:
             task_ids = torch.as_tensor(task_ids, device=self.device).long()
         if domain_ids is not None:
@@ -68,8 +70,11 @@ class AdaptedModel(nn.Module):
                 f"forward and generate."
             )
         weights = self.task_gate.weights(task_ids) if self.task_gate is not None else None
+        if segment_ids is not None:
+            attention_mask = segment_ids >= 0
         mask = attention_mask.bool() if attention_mask is not None else None
         state = RoutingState(task_ids, domain_ids, mask, weights, collect_aux)
+        state.segments = segment_ids
         if mask is not None or labels is not None:
             prompt = mask if mask is not None else torch.ones_like(labels, dtype=torch.bool)
             state.prompt_mask = prompt if labels is None else prompt & (labels == -100)
@@ -82,17 +87,25 @@ class AdaptedModel(nn.Module):
         labels: Tensor | None = None,
         task_ids: Tensor | None = None,
         domain_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
         **kwargs,
     ) -> ModelOutput:
         """The base model's output, with `loss` = LM loss + weighted aux losses.
+
+        A packed batch (`moelora.data.packing`) passes `segment_ids` (each token's row, -1 on
+        padding) and `position_ids` restarting at every row, and no attention mask: transformers
+        then attends within each row only (a block-diagonal mask for sdpa and eager, the
+        variable-length kernel for flash-attention).
 
         Adds `lm_loss` (the plain LM loss), `aux_loss` (the weighted aux sum, with grad; for a
         trainer computing its own LM loss) and `aux_losses` (unweighted, detached, for logging;
         each averaged over layers). Aux losses are collected in training mode only.
         """
-        if labels is not None:  # a loss, not decoding: no KV cache to build (or to compile)
-            kwargs.setdefault("use_cache", False)
-        state = self.routing_state(task_ids, domain_ids, attention_mask, self.training, labels)
+        if labels is not None or segment_ids is not None:  # a loss, not decoding: no KV cache
+            kwargs.setdefault("use_cache", False)  # to build (and a cache turns packing off)
+        state = self.routing_state(
+            task_ids, domain_ids, attention_mask, self.training, labels, segment_ids
+        )
         if self.training:
             attach_checkpointing(self.base_model, self.routing)
         with self.routing.bind(state):

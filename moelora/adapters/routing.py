@@ -1,5 +1,11 @@
 """The routing context: how a batch's task/domain ids and padding mask reach every adapted layer.
 
+A batch comes in one of two layouts. A batch of rows holds one row per sequence (right-padded)
+and one task/domain id per row. A packed batch concatenates several rows into each sequence;
+`segments` then says, per token, which row (an index into task_ids/domain_ids) it belongs to,
+-1 on padding, and every row-level quantity (a task gate's weights, a prompt's mean) is taken
+per row and read back by each token of that row (`rows_to_tokens`).
+
 `AdaptedModel` owns one `Routing`; each adapted layer keeps a reference to it. The wrapper binds a
 `RoutingState` for the duration of one forward or `generate()` call. Activation checkpointing
 re-runs a layer inside backward, after that call has returned, so the checkpoint function is
@@ -41,15 +47,27 @@ class RoutingState:
     sampled_tokens: Tensor | None = None  # drawn once per forward, see `sample_tokens`
     prompt_mask: Tensor | None = None  # bool (batch, seq): True on real prompt tokens
     row_gates: dict[int, Tensor] = field(default_factory=dict)  # a row router's weights by gate
+    segments: Tensor | None = None  # packed batch: (packs, seq) each token's row, -1 on padding
 
     def ids(self, key: str, batch: int) -> Tensor:
+        """One id per row: the batch's rows (expanded to `batch` for beams), or a packed
+        batch's rows."""
         values = getattr(self, key)
         if values is None:
             raise ValueError(
                 f"this method routes by {key}: pass {key} (a LongTensor with one id per row) to "
                 "AdaptedModel.forward and generate."
             )
-        return expand_rows(values, batch, key)
+        return values if self.segments is not None else expand_rows(values, batch, key)
+
+    def rows_to_tokens(self, values: Tensor, x: Tensor) -> Tensor:
+        """Per-row values (rows, ...) for each of x's tokens: (batch, seq, ...) read through
+        `segments` in a packed batch (padding reads row 0: it is masked everywhere it counts),
+        else repeated over each row's tokens."""
+        if self.segments is not None:
+            return values[self.segments.clamp(min=0)]
+        values = expand_rows(values, x.shape[0], "the per-row values")
+        return values[:, None].expand(x.shape[0], x.shape[1], *values.shape[1:])
 
     def mask_for(self, x: Tensor) -> Tensor | None:
         """The padding mask if it lines up with x's token positions (not in cached decoding)."""
@@ -57,11 +75,17 @@ class RoutingState:
         return mask if mask is not None and mask.shape == x.shape[:-1] else None
 
     def prompt_mean(self, x: Tensor) -> Tensor | None:
-        """The mean of x (batch, seq, d) over each row's prompt tokens, or None when x is not
-        the whole prompt (a cached decoding step)."""
+        """The mean of x (batch, seq, d) over each row's prompt tokens, (rows, d), or None when
+        x is not the whole prompt (a cached decoding step)."""
         mask = self.prompt_mask
         if mask is None or mask.shape[1] != x.shape[1]:
             return None
+        if self.segments is not None:  # sum each row's prompt tokens wherever they lie
+            rows, tokens = self.segments[mask], x[mask]
+            count = int(self.segments.max()) + 1
+            total = x.new_zeros(count, x.shape[-1]).index_add_(0, rows, tokens)
+            size = torch.bincount(rows, minlength=count).clamp(min=1).to(x.dtype)
+            return total / size[:, None]
         mask = expand_rows(mask, x.shape[0], "the prompt mask")  # beams
         weight = mask.unsqueeze(-1).to(x.dtype)
         return (x * weight).sum(1) / weight.sum(1).clamp(min=1)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from moelora import atomic
-from moelora.data.formatting import batches_on
+from moelora.data.batching import batches_on
 from moelora.log import get_logger
 
 log = get_logger(__name__)

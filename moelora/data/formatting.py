@@ -4,13 +4,10 @@ loss on the answer only, and a length policy that never silently cuts an answer.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from statistics import mean
 
-import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from moelora.config import DataConfig
@@ -72,11 +69,12 @@ class PromptFormatter:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids + [self.tokenizer.eos_token_id]
 
-    def fit_prompt(self, text: str) -> tuple[list[int], bool]:
-        """The prompt's ids, cutting the input's start when it is too long (the instruction and
-        question sit at the end of PromptCBLUE inputs). Returns (ids, was_cut)."""
+    def fit_prompt(self, text: str, limit: int | None = None) -> tuple[list[int], bool]:
+        """The prompt's ids, cutting the input's start when it is longer than `limit` (default
+        data.max_source_length; the instruction and question sit at the end of PromptCBLUE
+        inputs). Returns (ids, was_cut)."""
         ids = self.prompt_ids(text)
-        limit = self.cfg.max_source_length
+        limit = self.cfg.max_source_length if limit is None else limit
         if len(ids) <= limit or self.cfg.length_policy != "truncate_input":
             return ids, False
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -95,27 +93,32 @@ def tokenize_split(
     split: str,
     with_answer: bool,
 ) -> tuple[Dataset, LengthReport]:
-    """Token ids, labels and task/domain ids per row; rows over the length limits follow the
-    policy. `with_answer=False` keeps rows whose answer is too long (eval scores the text)."""
+    """Token ids, labels and task/domain ids per row; rows over the length limits (and, when
+    packing, longer than data.pack_length) follow the policy. `with_answer=False` keeps rows
+    whose answer is too long (eval scores the text)."""
     cfg, report = formatter.cfg, LengthReport()
+    pack = cfg.packed_length if with_answer else None
     keep: list[int] = []
     features: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_ids")}
-    features |= {"task_ids": [], "domain_ids": []}
+    features |= {"task_ids": [], "domain_ids": [], "length": []}
     for index, row in enumerate(rows):
         task = row["task_dataset"]
         task_id, domain_id = registry.task_id(task), registry.domain_id(task)
-        prompt, cut = formatter.fit_prompt(row["input"])
         answer = formatter.answer_ids(row["target"])
-        too_long = len(prompt) > cfg.max_source_length or (
-            with_answer and len(answer) > cfg.max_target_length
-        )
+        limit = cfg.max_source_length
+        if pack is not None:  # a row must fit in one packed sequence
+            limit = max(min(limit, pack - len(answer)), 1)
+        prompt, cut = formatter.fit_prompt(row["input"], limit)
+        too_long = len(prompt) > limit or (with_answer and len(answer) > cfg.max_target_length)
         if too_long:
             if cfg.length_policy == "error":
+                packing = f" / data.pack_length={pack} in all" if pack is not None else ""
                 raise UserError(
                     f"row {index + 1} of the {split} set (sample_id {row['sample_id']}, task "
                     f"{task}) has {len(prompt)} prompt / {len(answer)} answer tokens, over "
                     f"data.max_source_length={cfg.max_source_length} / data.max_target_length="
-                    f"{cfg.max_target_length}; raise the limit or set data.length_policy=drop."
+                    f"{cfg.max_target_length}{packing}; raise the limit or set "
+                    f"data.length_policy=drop."
                 )
             report.dropped[task] += 1
             continue
@@ -129,6 +132,7 @@ def tokenize_split(
         features["prompt_ids"].append(prompt)
         features["task_ids"].append(task_id)
         features["domain_ids"].append(domain_id)
+        features["length"].append(len(prompt) + len(answer))
     if not keep:
         raise UserError(
             f"every row of the {split} set is over the length limits; raise "
@@ -138,50 +142,3 @@ def tokenize_split(
     for name, values in features.items():
         kept_rows = kept_rows.add_column(name, values)
     return kept_rows, report
-
-
-def pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    padded = [
-        ([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
-        for s in sequences
-    ]
-    return torch.tensor(padded, dtype=torch.long)
-
-
-def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the LM loss is taken over: labels after the one-token shift, minus ignored ones."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def loss_loader(rows: Dataset, batch_size: int, pad_id: int, **kwargs) -> DataLoader:
-    """Batches of token ids, labels and routing ids for a teacher-forced loss (train or eval)."""
-    return DataLoader(
-        rows.select_columns(["input_ids", "labels", "task_ids", "domain_ids"]),
-        batch_size=batch_size,
-        collate_fn=TrainCollator(pad_id),
-        **kwargs,
-    )
-
-
-def batches_on(rows: Dataset, batch_size: int, pad_id: int, device: torch.device) -> Iterator[dict]:
-    """`loss_loader`'s batches (in order), moved to `device`: an eval pass over `rows`."""
-    for batch in loss_loader(rows, batch_size, pad_id):
-        yield {key: value.to(device) for key, value in batch.items()}
-
-
-class TrainCollator:
-    """Right-padded input ids, labels (-100 on prompt and padding) and task/domain ids."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [r["input_ids"] for r in rows]
-        return {
-            "input_ids": pad(ids, self.pad_id, left=False),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0, left=False),
-            "labels": pad([r["labels"] for r in rows], IGNORE, left=False),
-            "task_ids": torch.tensor([r["task_ids"] for r in rows], dtype=torch.long),
-            "domain_ids": torch.tensor([r["domain_ids"] for r in rows], dtype=torch.long),
-        }

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moelora.adapters import AdaptedModel
 from moelora.adapters.fold import fold_blocker, fold_key, folding, is_static
-from moelora.data.formatting import pad
+from moelora.data.batching import pad
 from moelora.hardware import is_zero3
 from moelora.log import get_logger
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moelora.adapters import get_method, method_names
 from moelora.analysis.routing import write_routing
 from moelora.config import EvalConfig, EvalRunConfig, GenerationRunConfig, TrainConfig
-from moelora.data.formatting import answer_tokens, batches_on
+from moelora.data.batching import answer_tokens, batches_on
 from moelora.data.pipeline import check_files, prepare_data, read_eval_rows
 from moelora.data.reader import check_text_file
 from moelora.data.tasks import TaskRegistry
@@ -133,7 +133,7 @@ def eval_loss(model, rows: Dataset, cfg: TrainConfig, accelerator: Accelerator) 
     model.eval()
     pad_id = accelerator.unwrap_model(model).base_model.config.pad_token_id or 0
     total, count = 0.0, 0
-    for batch in batches_on(rows, cfg.eval.batch_size, pad_id, accelerator.device):
+    for batch in batches_on(rows, cfg.eval.batch_size, pad_id, accelerator.device, cfg.data):
         out = model(**batch)
         n = answer_tokens(batch)
         total += float(out.lm_loss) * n

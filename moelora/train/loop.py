@@ -32,7 +32,7 @@ from moelora import atomic, run_lock
 from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
 from moelora.analysis.routing import write_routing
 from moelora.config import TrainConfig, to_container
-from moelora.data.formatting import loss_loader
+from moelora.data.batching import fill_rates, loss_loader
 from moelora.data.mixture import STAGE_ROWS, MixtureSampler, stage_sampler
 from moelora.data.pipeline import PreparedData, check_files, prepare_data
 from moelora.data.tasks import check_added_domains
@@ -116,6 +116,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     data: PreparedData
     sampler: MixtureSampler
+    fill: dict[str, float]  # real tokens' share of the batch tensors: "none" and data.packing
     model: AdaptedModel | None = None
     checkpointer: Checkpointer | None = None
     adapter_parameters: int = 0  # trainable when built (stages freeze some later)
@@ -198,10 +199,11 @@ def prepare(cfg: TrainConfig, raw_cfg: DictConfig) -> Run:
     if earlier is not None and method.uses_domains:
         present = {data.registry.domain_of[task] for task in sampler.rows_of}
         check_added_domains(earlier.domains, present, method.added_domains())
-    _describe_data(data, sampler, cfg, accelerator.num_processes)
+    fill = fill_rates(data.train, sampler, cfg.data, cfg.trainer.batch_size, cfg.trainer.seed)
+    _describe_data(data, sampler, cfg, accelerator.num_processes, fill)
     if cfg.eval.enabled:
         log_empty_targets(data.eval)
-    return Run(cfg, raw_cfg, method, accelerator, tokenizer, data, sampler)
+    return Run(cfg, raw_cfg, method, accelerator, tokenizer, data, sampler, fill)
 
 
 def build(run: Run) -> None:
@@ -255,7 +257,8 @@ def open_run_dir(run: Run) -> None:
     save_deepspeed_config(accelerator, run.run_dir)
     accelerator.init_trackers("train", config=_flat_hparams(run.raw))
     mix = {f"data/mix/{t}": n / len(run.sampler) for t, n in run.sampler.counts.items()}
-    accelerator.log(mix, step=0)
+    fill = {f"data/fill/{layout}": share for layout, share in run.fill.items()}
+    accelerator.log(mix | fill, step=0)
     run.checkpointer = Checkpointer(
         accelerator, run.model, run.run_dir / "checkpoints", cfg.trainer.keep_checkpoints
     )
@@ -360,7 +363,9 @@ def start_stage(
         run.data.train,
         t.batch_size,
         model.base_model.config.pad_token_id or 0,
+        run.cfg.data,
         sampler=sampler,
+        seed=t.seed,
         # Its own generator: creating an iterator would otherwise draw from the global RNG and
         # shift dropout masks after a resume.
         generator=torch.Generator().manual_seed(t.seed),
@@ -589,8 +594,15 @@ def epoch_batches(accelerator: Accelerator, loader, state: TrainState):
     return accelerator.skip_first_batches(loader, state.batches_in_epoch)
 
 
-def _describe_data(data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig, world: int):
-    """Print the realised mixture, the length policy's effect and the effective batch size."""
+def _describe_data(
+    data: PreparedData,
+    sampler: MixtureSampler,
+    cfg: TrainConfig,
+    world: int,
+    fill: dict[str, float],
+) -> None:
+    """Print the realised mixture, the length policy's effect, how much of the batches is real
+    tokens, and the effective batch size."""
     log.info(f"tasks: {len(data.registry.tasks)}, domains: {data.registry.domains}")
     log.info(f"mixture ({cfg.data.mixture.strategy}), rows per epoch: {len(sampler)}")
     for task, count in sorted(sampler.counts.items()):
@@ -599,6 +611,13 @@ def _describe_data(data: PreparedData, sampler: MixtureSampler, cfg: TrainConfig
         log.info(f"{split} set lengths (tokens):")
         for line in report.lines():
             log.info("  " + line)
+    packing = cfg.data.packing
+    if packing == "packed":
+        packing += f" into {cfg.data.packed_length} tokens"
+    log.info(
+        f"batches: {packing}; real tokens fill {fill[cfg.data.packing]:.0%} of the batch tensors"
+        + (f" (unpacked: {fill['none']:.0%})" if cfg.data.packing != "none" else "")
+    )
     t = cfg.trainer
     log.info(
         f"effective batch: {t.batch_size} per device x {world} processes x {t.grad_accum} "

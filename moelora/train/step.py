@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from moelora.data.formatting import answer_tokens
+from moelora.data.batching import answer_tokens, real_tokens
 from moelora.train.checkpoint import TrainState
 
 
@@ -70,7 +70,7 @@ def forward_backward(
     grad_norm = None if norm is None else float(norm)
     # What is logged covers every process's rows, as one big batch would.
     names = sorted(aux_sums)
-    seen = sum(int(b["attention_mask"].sum()) for b in micro)
+    seen = sum(real_tokens(b) for b in micro)
     stats = torch.tensor(
         [lm_sum, seen, float(stop), *(aux_sums[n] for n in names)],
         dtype=torch.float64,
