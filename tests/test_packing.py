@@ -202,3 +202,27 @@ def test_a_row_longer_than_pack_length_follows_the_length_policy(policy) -> None
         )
     else:
         assert len(tokenized) == 1 and report.dropped["A"] == 1
+
+
+@pytest.mark.parametrize("case", ["moelora", "molora", "modula_res"])
+def test_under_flash_attention_the_packs_train_as_one_padding_free_row(case, monkeypatch) -> None:
+    """transformers' flash-attention attends packed rows apart only in one flattened sequence:
+    there the packs are joined without padding. Checked through the same flattening with sdpa's
+    packed mask (flash-attention itself needs a GPU)."""
+    monkeypatch.setattr(AdaptedModel, "varlen_attention", property(lambda self: True))
+    model = adapted(case).train()
+    batch_rows = rows()
+    expected_losses, expected_grads = loss_and_grads(model, TrainCollator(pad_id=0)(batch_rows))
+    shapes = []
+    model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    got_losses, got_grads = loss_and_grads(model, PackingCollator(0, PACK)(batch_rows))
+    assert shapes == [(1, sum(len(r["input_ids"]) for r in batch_rows))]  # one padding-free row
+    for name, value in expected_losses.items():
+        assert relative_error(got_losses[name], value) < 1e-5, name
+    got, expected = (
+        torch.cat([g.flatten() for g in grads.values()]) for grads in (got_grads, expected_grads)
+    )
+    assert relative_error(got, expected) < 1e-5

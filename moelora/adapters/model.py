@@ -44,6 +44,12 @@ class AdaptedModel(nn.Module):
         self.stage: str | None = None
 
     @property
+    def varlen_attention(self) -> bool:
+        """Whether the base attends through flash-attention (whose packed-sequence path takes
+        one flattened sequence) rather than with a mask (sdpa, eager)."""
+        return "flash" in str(getattr(self.base_model.config, "_attn_implementation", ""))
+
+    @property
     def device(self) -> torch.device:
         return self.base_model.get_input_embeddings().weight.device
 
@@ -92,10 +98,12 @@ class AdaptedModel(nn.Module):
     ) -> ModelOutput:
         """The base model's output, with `loss` = LM loss + weighted aux losses.
 
-        A packed batch (`moelora.data.packing`) passes `segment_ids` (each token's row, -1 on
+        A packed batch (`moelora.data.batching`) passes `segment_ids` (each token's row, -1 on
         padding) and `position_ids` restarting at every row, and no attention mask: transformers
-        then attends within each row only (a block-diagonal mask for sdpa and eager, the
-        variable-length kernel for flash-attention).
+        then attends within each row only, with a block-diagonal mask for sdpa and eager. Its
+        flash-attention path does so only for one flattened sequence, so under flash-attention
+        the packs are joined into one row without their padding (`_flattened`), which its
+        variable-length kernel attends row by row.
 
         Adds `lm_loss` (the plain LM loss), `aux_loss` (the weighted aux sum, with grad; for a
         trainer computing its own LM loss) and `aux_losses` (unweighted, detached, for logging;
@@ -103,6 +111,10 @@ class AdaptedModel(nn.Module):
         """
         if labels is not None or segment_ids is not None:  # a loss, not decoding: no KV cache
             kwargs.setdefault("use_cache", False)  # to build (and a cache turns packing off)
+        if segment_ids is not None and self.varlen_attention:
+            input_ids, labels, segment_ids, kwargs["position_ids"] = _flattened(
+                segment_ids, input_ids, labels, segment_ids, kwargs["position_ids"]
+            )
         state = self.routing_state(
             task_ids, domain_ids, attention_mask, self.training, labels, segment_ids
         )
@@ -230,3 +242,10 @@ class AdaptedModel(nn.Module):
                 if name in state and name not in misfit:
                     param.copy_(state[name])
         return missing + misfit
+
+
+def _flattened(segment_ids: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """(packs, seq) tensors as one (1, real tokens) row: the packs joined, their padding
+    dropped. Each row's first label is a prompt token's (-100), so no loss crosses rows."""
+    real = segment_ids >= 0
+    return tuple(tensor[real].unsqueeze(0) for tensor in tensors)
