@@ -6,9 +6,10 @@ measured on ~19,400 rows of an augmented PromptCBLUE set; cut at the pack length
 or are read from a data folder (`--data DIR` with train.jsonl, tokenized with the shipped
 tokenizer). The same epoch order of rows is batched by each layout through moelora's own
 collators and sampler (`moelora/data/batching.py`), and each model trains forward + backward +
-AdamW over the same batches. Prints a markdown table: real tokens/s, the ratio to PEFT LoRA on
-unpacked batches, the padded share of the batch tensors and peak memory (CUDA) or the largest
-batch tensor (CPU).
+AdamW over the same batches; packed batches attend row by row (`moelora_rows`, as `moelora
+train` does; `--attention sdpa` for transformers' packed masks). Prints a markdown table: real
+tokens/s, the ratio to PEFT LoRA on unpacked batches, the padded share of the batch tensors and
+peak memory (CUDA) or the largest batch tensor (CPU).
 
     python scripts/bench_packing.py                               # tiny shape, every method
     python scripts/bench_packing.py --shape mid --methods "lora r16" "moelora E8 r2"
@@ -27,6 +28,7 @@ from bench_adapters import METHODS, TARGETS, build_base
 from peft import LoraConfig, get_peft_model
 
 from moelora.adapters import AdaptedModel, AdapterConfig
+from moelora.adapters.attention import use_row_attention
 from moelora.data.batching import (
     LengthGroupedSampler,
     PackingCollator,
@@ -98,7 +100,11 @@ def batches(rows: list[dict], layout: str, args: argparse.Namespace) -> list[dic
 
 
 def models(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """PEFT's LoRA and each method on copies of one base; with `--attention rows` (what
+    `moelora train` does when it packs) the base attends packed rows one by one."""
     base = build_base(args).to(dtype)
+    if args.attention == "rows":
+        use_row_attention(base)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     built = {"PEFT LoRA r16": get_peft_model(copy.deepcopy(base), peft)}
     for label in args.methods:
@@ -155,6 +161,12 @@ def main() -> None:
     parser.add_argument("--data", help="a data folder with train.jsonl instead of synthetic rows")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--attention",
+        choices=["rows", "sdpa"],
+        default="rows",
+        help="rows: moelora_rows, as moelora train packs; sdpa: transformers' packed masks",
+    )
     args = parser.parse_args()
     args.hidden, args.layers = SHAPES[args.shape]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -174,7 +186,8 @@ def main() -> None:
     print(
         f"\ndevice {args.device}, {dtype}, shape {args.shape} (hidden {args.hidden}, "
         f"{args.layers} layers), batch {args.batch} rows, pack length {args.pack_length}, "
-        f"{args.batches} batches x {args.repeats} (first {args.warmup} untimed), rows: "
+        f"{args.batches} batches x {args.repeats} (first {args.warmup} untimed), attention "
+        f"{args.attention}, rows: "
         f"{args.data or 'synthetic PromptCBLUE-like lengths'}\n"
     )
     print("| layout | padded share | largest batch (tokens) |")

@@ -226,3 +226,68 @@ def test_under_flash_attention_the_packs_train_as_one_padding_free_row(case, mon
         torch.cat([g.flatten() for g in grads.values()]) for grads in (got_grads, expected_grads)
     )
     assert relative_error(got, expected) < 1e-5
+
+
+def row_attention_llama():
+    from moelora.adapters.attention import use_row_attention
+
+    base = tiny_llama()
+    assert use_row_attention(base)
+    return base
+
+
+def test_row_attention_attends_each_packed_row_alone() -> None:
+    base = row_attention_llama()
+    batch_rows = rows()
+    packed = PackingCollator(pad_id=0, pack_length=PACK)(batch_rows)
+    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    logits = base(**inputs, use_cache=False).logits
+    reference = tiny_llama()  # sdpa, each row alone
+    for index, row in enumerate(batch_rows):
+        alone = reference(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        torch.testing.assert_close(logits[packed["segment_ids"] == index], alone)
+
+
+@pytest.mark.parametrize("case", ["lora", "moelora", "molora", "modula"])
+def test_with_row_attention_a_packed_batch_gives_the_padded_loss_and_gradients(case) -> None:
+    model = adapted(case, base=row_attention_llama()).train()
+    assert model.varlen_attention  # the packs are joined into one padding-free row
+    batch_rows = rows()
+    expected_losses, expected_grads = loss_and_grads(model, TrainCollator(pad_id=0)(batch_rows))
+    got_losses, got_grads = loss_and_grads(model, PackingCollator(0, PACK)(batch_rows))
+    for name, value in expected_losses.items():
+        assert relative_error(got_losses[name], value) < 1e-5, name
+    got, expected = (
+        torch.cat([g.flatten() for g in grads.values()]) for grads in (got_grads, expected_grads)
+    )
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_row_attention_generates_exactly_like_sdpa() -> None:
+    """Left-padded prompts and cached decoding are not packed forwards: sdpa's own path."""
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(1, VOCAB, (3, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = attention_mask[2, :5] = 0
+    answers = [
+        base.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        for base in (tiny_llama(), row_attention_llama())
+    ]
+    assert torch.equal(*answers)
+
+
+def test_row_attention_is_kept_off_bases_whose_attention_it_would_change() -> None:
+    from moelora.adapters.attention import use_row_attention
+
+    eager, windowed, capped = tiny_llama(), tiny_llama(), tiny_llama()
+    eager.set_attn_implementation("eager")
+    windowed.config.sliding_window = 8
+    capped.config.attn_logit_softcapping = 50.0
+    assert not any(use_row_attention(base) for base in (eager, windowed, capped))
+    assert windowed.config._attn_implementation == "sdpa"

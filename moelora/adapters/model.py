@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from moelora.adapters.attention import ROWS
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.inject import inject_adapters
 from moelora.adapters.methods import method_of
@@ -45,9 +46,10 @@ class AdaptedModel(nn.Module):
 
     @property
     def varlen_attention(self) -> bool:
-        """Whether the base attends through flash-attention (whose packed-sequence path takes
-        one flattened sequence) rather than with a mask (sdpa, eager)."""
-        return "flash" in str(getattr(self.base_model.config, "_attn_implementation", ""))
+        """Whether the base attends packed rows apart by their position ids alone, in one
+        flattened sequence (flash-attention, `moelora_rows`), rather than with a mask."""
+        implementation = str(getattr(self.base_model.config, "_attn_implementation", ""))
+        return "flash" in implementation or implementation == ROWS
 
     @property
     def device(self) -> torch.device:
@@ -102,8 +104,8 @@ class AdaptedModel(nn.Module):
         padding) and `position_ids` restarting at every row, and no attention mask: transformers
         then attends within each row only, with a block-diagonal mask for sdpa and eager. Its
         flash-attention path does so only for one flattened sequence, so under flash-attention
-        the packs are joined into one row without their padding (`_flattened`), which its
-        variable-length kernel attends row by row.
+        (and `moelora_rows`, `moelora.adapters.attention`) the packs are joined into one row
+        without their padding (`_flattened`), which those attend row by row.
 
         Adds `lm_loss` (the plain LM loss), `aux_loss` (the weighted aux sum, with grad; for a
         trainer computing its own LM loss) and `aux_losses` (unweighted, detached, for logging;

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from moelora import atomic, run_lock
 from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
+from moelora.adapters.attention import use_row_attention
 from moelora.analysis.routing import write_routing
 from moelora.config import TrainConfig, to_container
 from moelora.data.batching import fill_rates, loss_loader
@@ -222,6 +223,8 @@ def build(run: Run) -> None:
         )
     if hasattr(next(base.parameters()), "ds_id"):
         log.info("base model loaded straight into ZeRO-3 partitions (deepspeed.zero.Init)")
+    if cfg.data.packing == "packed" and use_row_attention(base):
+        log.info("packed rows attend one by one (attention implementation moelora_rows)")
     try:
         model = AdaptedModel(base, cfg.method, len(registry.tasks), len(registry.domains))
     except ValueError as err:  # e.g. no module matches method.target_modules
