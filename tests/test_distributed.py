@@ -133,7 +133,12 @@ def test_two_processes_packing_their_rows_train_like_one_padded(
 ) -> None:
     run_dir = tmp_path / hardware
     launched(run_dir, hardware, *PACKED, "trainer.batch_size=4", "data.packing=packed")
-    assert_same_training(run_dir, padded_moelora)
+    got, expected = losses(run_dir), losses(padded_moelora)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **LOSS_TOL)
+    a, b = adapter(run_dir), adapter(padded_moelora)
+    assert a.keys() == b.keys()
+    for key in b:  # each row attended alone sums in another order; through Adam: 3e-5 measured
+        assert float((a[key] - b[key]).norm() / b[key].norm()) < 1e-4, key
 
 
 def test_two_process_eval_scores_like_the_run(reference: Path, tmp_path: Path) -> None:
