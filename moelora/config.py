@@ -11,7 +11,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.methods import METHOD_REGISTRY
-from moelora.errors import UserError, check_range
+from moelora.errors import UserError, check_choice, check_range
 from moelora.paths import DATA_DIR
 
 STRATEGIES = ("single", "ddp", "deepspeed")
@@ -23,12 +23,6 @@ LENGTH_POLICIES = ("truncate_input", "drop", "error")
 SCORER_CHOICES = ("official", "lenient", "both")
 TINY_ARCHITECTURES = ("llama", "qwen2")  # transformers model types the tiny base can take
 MIXTURE_STRATEGIES = ("proportional", "uniform", "temperature", "weights")
-
-
-def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    """Each schema checks its own values in `__post_init__`: at start, naming the key."""
-    if value not in allowed:
-        raise UserError(f"{key}='{value}' is unknown; use one of {', '.join(allowed)}.")
 
 
 @dataclass

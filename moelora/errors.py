@@ -29,6 +29,12 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
+def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Each schema checks its own values in `__post_init__`: at start, naming the key."""
+    if value not in allowed:
+        raise UserError(f"{key}='{value}' is unknown; use one of {', '.join(allowed)}.")
+
+
 def check_range(
     key: str,
     value: float | None,

@@ -22,7 +22,7 @@ from moelora.config import HardwareConfig
 from moelora.errors import UserError
 from moelora.hardware import on_cpu, world_size
 from moelora.log import get_logger
-from moelora.train.signals import SIGNALS, interrupted
+from moelora.signals import SIGNALS, interrupted
 
 log = get_logger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moelora.adapters import AdaptedModel, AdapterConfig
+from moelora.adapters import AdaptedModel, method_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -131,7 +131,7 @@ def main() -> None:
     ).to(args.device)
     models = [Timed("PEFT LoRA r16", peft_model, peft_model.get_nb_trainable_parameters()[0])]
     for label, fields in METHODS.items():
-        cfg = AdapterConfig.coerce({"alpha": 32, "dropout": 0.0, **fields})
+        cfg = method_config({"alpha": 32, "dropout": 0.0, **fields})
         model = AdaptedModel(copy.deepcopy(base), cfg, num_tasks=4, num_domains=4).to(args.device)
         routed = {"task_ids": task_ids, "domain_ids": task_ids}
         models.append(Timed(label, _Bound(model, routed), model.num_trainable_parameters()))

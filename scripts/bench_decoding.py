@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from bench_adapters import build_base  # the same Llama-style base, from this folder
 from datasets import Dataset
 
-from moelora.adapters import AdaptedModel, AdapterConfig
+from moelora.adapters import AdaptedModel, method_config
 from moelora.evaluate.generate import generate_answers
 
 METHODS: dict[str, dict] = {
@@ -83,7 +83,7 @@ def main() -> None:
 
     cases: dict[str, Callable[[], list[str]]] = {"base model": runner(base, False)}
     for label, fields in METHODS.items():
-        config = AdapterConfig.coerce({"alpha": 32, "dropout": 0.0, **fields})
+        config = method_config({"alpha": 32, "dropout": 0.0, **fields})
         model = AdaptedModel(copy.deepcopy(base), config, num_tasks=args.tasks)
         with torch.no_grad():  # B = 0 would fold to the base itself; give the adapter values
             for name, param in model.named_adapter_parameters():

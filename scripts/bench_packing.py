@@ -27,7 +27,7 @@ import torch
 from bench_adapters import METHODS, TARGETS, build_base
 from peft import LoraConfig, get_peft_model
 
-from moelora.adapters import AdaptedModel, AdapterConfig
+from moelora.adapters import AdaptedModel, method_config
 from moelora.adapters.attention import use_row_attention
 from moelora.data.batching import (
     LengthGroupedSampler,
@@ -108,7 +108,7 @@ def models(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch.nn.M
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     built = {"PEFT LoRA r16": get_peft_model(copy.deepcopy(base), peft)}
     for label in args.methods:
-        cfg = AdapterConfig.coerce({"alpha": 32, "dropout": 0.0, **METHODS[label]})
+        cfg = method_config({"alpha": 32, "dropout": 0.0, **METHODS[label]})
         built[label] = AdaptedModel(copy.deepcopy(base), cfg, num_tasks=4, num_domains=4)
     return {label: model.to(args.device) for label, model in built.items()}
 

@@ -20,7 +20,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from moelora.adapters import AdapterConfig, Routing, RoutingState, build_layer, method_of
+from moelora.adapters import (
+    AdapterConfig,
+    Routing,
+    RoutingState,
+    build_layer,
+    method_config,
+    method_of,
+)
 
 
 class OneLinear(nn.Module):
@@ -34,9 +41,7 @@ class OneLinear(nn.Module):
 
 def molora_config(experts: int, top_k: int, rank: int, compute: str) -> AdapterConfig:
     fields = {"num_experts": experts, "top_k": top_k, "rank_per_expert": rank}
-    return AdapterConfig.coerce(
-        {"name": "molora", "dropout": 0.0, "expert_compute": compute, **fields}
-    )
+    return method_config({"name": "molora", "dropout": 0.0, "expert_compute": compute, **fields})
 
 
 def timer(step: Callable[[], None], device: str) -> Callable[[], float]:

@@ -1,16 +1,17 @@
 """The shared part of every method's config schema: where adapters go and how they are scaled.
 
 Each method extends one of the two classes here with its own fields (moelora/adapters/methods/),
-so a field of another method cannot be set. `AdapterConfig.coerce` builds the right schema from
-a plain dict or Hydra node by its `name`.
+so a field of another method cannot be set. `moelora.adapters.methods.method_config` builds the
+right schema from a plain dict or Hydra node by its `name` (the schemas never import the registry).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
+
+from moelora.errors import UserError, check_choice
 
 # The fields that decide which adapter tensors exist and their shapes (with num_tasks/num_domains).
 SHAPE_FIELDS = (
@@ -30,7 +31,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def fail(text: str) -> NoReturn:
-    raise ValueError(f"method: {text}")
+    raise UserError(f"method: {text}")
 
 
 def setting(text: str, default: Any = None, factory: Any = None) -> Any:
@@ -38,11 +39,6 @@ def setting(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
-
-
-def check_choice(config: object, key: str, allowed: tuple[str, ...]) -> None:
-    if getattr(config, key) not in allowed:
-        fail(f"{key}={getattr(config, key)!r} is not allowed; use one of {allowed}.")
 
 
 @dataclass
@@ -71,12 +67,7 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        from moelora.adapters.methods import get_method
-
-        expected = get_method(self.name).config_class
-        if type(self) is not expected:
-            fail(f"name={self.name!r} belongs to {expected.__name__}, not {type(self).__name__}.")
-        check_choice(self, "init", ("kaiming", "normal"))
+        check_choice("method.init", self.init, ("kaiming", "normal"))
         if not self.target_modules and not self.target_regex and not self.adapts_dense():
             fail("nothing to adapt; set target_modules, target_regex or dense_targets.")
         if not 0.0 <= self.dropout < 1.0:
@@ -91,31 +82,6 @@ class AdapterConfig:
     def scaling(self, rank: int) -> float:
         """s for an adapter of the given rank: alpha / rank, or alpha / sqrt(rank) for rsLoRA."""
         return self.alpha / (math.sqrt(rank) if self.use_rslora else rank)
-
-    @classmethod
-    def coerce(cls, config: AdapterConfig | Mapping, strict: bool = True) -> AdapterConfig:
-        """The method's own config from itself, a plain dict, or Hydra's DictConfig `method`
-        node, chosen by its `name`. `strict=False` drops fields the method does not have (an
-        adapter saved before each method had its own schema)."""
-        from moelora.adapters.methods import get_method
-
-        if isinstance(config, AdapterConfig):
-            return config
-        if not isinstance(config, dict):
-            from omegaconf import OmegaConf
-
-            config = OmegaConf.to_container(config, resolve=True)
-        config = {k: v for k, v in config.items() if k != "defaults"}
-        schema = get_method(str(config.get("name", ""))).config_class
-        own = {f.name for f in fields(schema)}
-        unknown = sorted(set(config) - own)
-        if unknown and strict:
-            fail(
-                f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a setting of "
-                f"{config['name']}; remove {'it' if len(unknown) == 1 else 'them'} (its settings: "
-                f"{', '.join(sorted(own))})."
-            )
-        return schema(**{k: v for k, v in config.items() if k in own})
 
 
 @dataclass
@@ -147,7 +113,7 @@ class ExpertConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice(self, "scaling_rank", ("total", "expert"))
+        check_choice("method.scaling_rank", self.scaling_rank, ("total", "expert"))
         if self.num_experts < 1:
             fail(f"num_experts={self.num_experts} must be at least 1.")
         self._derive_ranks()

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 from moelora.adapters.attention import ROWS
 from moelora.adapters.config import AdapterConfig
 from moelora.adapters.inject import inject_adapters
-from moelora.adapters.methods import method_of
+from moelora.adapters.methods import method_config, method_of
 from moelora.adapters.routing import Routing, RoutingState, attach_checkpointing
 
 
@@ -30,7 +30,7 @@ class AdaptedModel(nn.Module):
         self, base: PreTrainedModel, config: AdapterConfig, num_tasks: int, num_domains: int = 1
     ) -> None:
         super().__init__()
-        config = AdapterConfig.coerce(config)
+        config = method_config(config)
         self.method = method_of(config)
         self.method.check_sizes(num_tasks, num_domains)
         self.config, self.num_tasks, self.num_domains = config, num_tasks, num_domains

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from moelora.adapters.config import AdapterConfig
+from moelora.adapters.methods import method_config
 from moelora.adapters.model import AdaptedModel
 from moelora.atomic import error_words, io_errors
 from moelora.errors import DamagedFile
@@ -47,7 +47,7 @@ def load_adapter(directory: str | Path, base: PreTrainedModel) -> tuple[AdaptedM
         description = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
         raise _damaged(directory / CONFIG_NAME, err) from None
-    config = AdapterConfig.coerce(description["method"], strict=False)
+    config = method_config(description["method"], strict=False)
     model = AdaptedModel(base, config, description["num_tasks"], description["num_domains"])
     load_adapter_weights(model, directory)
     return model, description["metadata"]

@@ -60,6 +60,7 @@ from moelora.log import get_logger
 from moelora.modeling import COMPUTE_DTYPES, load_base_model, load_tokenizer
 from moelora.resume import FINISHED_FILE, plan_run
 from moelora.rundir import check_resume_config, read_init_run
+from moelora.signals import StopRequest, interrupted
 from moelora.train.checkpoint import (
     Checkpointer,
     TrainState,
@@ -67,7 +68,6 @@ from moelora.train.checkpoint import (
     save_final_adapter,
 )
 from moelora.train.history import HISTORY_FILE, History
-from moelora.train.signals import StopRequest, interrupted
 from moelora.train.step import StepResult, add_to_window, flush_window, forward_backward
 
 log = get_logger(__name__)
@@ -309,7 +309,7 @@ def score_before(run: Run) -> Callable[[torch.nn.Module], None] | None:
 def train_stages(run: Run, on_prepared: Callable[[torch.nn.Module], None] | None) -> Progress:
     """Train the method's stages in order (resuming inside the checkpoint's stage), then set the
     adapter to the stage it is scored and saved in. A stop signal ends training after the
-    current step with a checkpoint (see `moelora.train.signals`)."""
+    current step with a checkpoint (see `moelora.signals`)."""
     cfg, method = run.cfg, run.method
     progress, started = Progress(), time.perf_counter()
     with StopRequest() as stop:

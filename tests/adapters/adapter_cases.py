@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from moelora.adapters import AdaptedModel, AdapterConfig
+from moelora.adapters import AdaptedModel, AdapterConfig, method_config
 
 VOCAB = 128
 NUM_TASKS = 3
@@ -57,7 +57,7 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 def make_config(case: str, **overrides) -> AdapterConfig:
-    return AdapterConfig.coerce({"dropout": 0.0, **CASES[case], **overrides})
+    return method_config({"dropout": 0.0, **CASES[case], **overrides})
 
 
 def randomize_adapters(model: AdaptedModel, seed: int = 1, std: float = 0.05) -> AdaptedModel:

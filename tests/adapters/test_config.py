@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moelora.adapters import AdapterConfig, get_method, method_names
+from moelora.adapters import AdapterConfig, get_method, method_config, method_names
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "method"
 
@@ -49,7 +49,7 @@ def test_overriding_num_experts_rederives_the_rank_split():
     ("scaling_rank", "universal", "domain"), [("expert", 32 / 8, 32 / 2), ("total", 3.2, 3.2)]
 )
 def test_modula_scales_each_expert_by_its_rank_or_by_a_rows_rank(scaling_rank, universal, domain):
-    config = AdapterConfig.coerce(
+    config = method_config(
         dict(name="modula", universal_rank=8, domain_rank=2, alpha=32, scaling_rank=scaling_rank)
     )
     parts = get_method("modula")(config).layer_parts(d_in=16, num_tasks=3, num_domains=3)
@@ -75,7 +75,7 @@ def test_modula_scales_each_expert_by_its_rank_or_by_a_rows_rank(scaling_rank, u
 )
 def test_bad_config_names_the_field(fields, names):
     with pytest.raises(ValueError, match=names):
-        AdapterConfig.coerce(fields)
+        method_config(fields)
 
 
 def test_bad_preset_override_fails_at_to_object():
@@ -85,6 +85,6 @@ def test_bad_preset_override_fails_at_to_object():
 
 def test_coerce_accepts_a_hydra_node_and_refuses_unknown_keys():
     node = OmegaConf.load(PRESETS / "moelora.yaml")
-    assert AdapterConfig.coerce(node) == load_preset("moelora")
+    assert method_config(node) == load_preset("moelora")
     with pytest.raises(ValueError, match="num_expert"):
-        AdapterConfig.coerce({"name": "moelora", "num_expert": 4})
+        method_config({"name": "moelora", "num_expert": 4})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelora.adapters import AdaptedModel, AdapterConfig, load_adapter, save_adapter
+from moelora.adapters import AdaptedModel, load_adapter, method_config, save_adapter
 from tests.adapters.adapter_cases import (
     CASES,
     NUM_DOMAINS,
@@ -200,7 +200,7 @@ def test_compiled_layers_train_like_eager_ones():
     ],
 )
 def test_a_balance_loss_with_nothing_to_balance_is_said(fields, domains, says, capsys):
-    config = AdapterConfig.coerce({"dropout": 0.0, **fields})
+    config = method_config({"dropout": 0.0, **fields})
     AdaptedModel(tiny_llama(), config, NUM_TASKS, domains)
     printed = capsys.readouterr().out
     if says is None:

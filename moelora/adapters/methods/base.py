@@ -7,7 +7,8 @@ name to configs (`method=<name>`), training, saving, loading, scoring and export
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from torch import nn
@@ -120,6 +121,35 @@ def get_method(name: str) -> type[Method]:
     return METHOD_REGISTRY[name]
 
 
+def method_config(config: AdapterConfig | Mapping, strict: bool = True) -> AdapterConfig:
+    """The method's own config from itself, a plain dict, or Hydra's DictConfig `method` node,
+    chosen by its `name`. `strict=False` drops fields the method does not have (an adapter saved
+    before each method had its own schema)."""
+    if isinstance(config, AdapterConfig):
+        return config
+    if not isinstance(config, dict):
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(config, resolve=True)
+    config = {k: v for k, v in config.items() if k != "defaults"}
+    schema = get_method(str(config.get("name", ""))).config_class
+    own = {f.name for f in fields(schema)}
+    unknown = sorted(set(config) - own)
+    if unknown and strict:
+        one = len(unknown) == 1
+        fail(
+            f"{', '.join(unknown)} {'is' if one else 'are'} not a setting of {config['name']}; "
+            f"remove {'it' if one else 'them'} (its settings: {', '.join(sorted(own))})."
+        )
+    return schema(**{k: v for k, v in config.items() if k in own})
+
+
 def method_of(config: AdapterConfig) -> Method:
-    """The method object for a config."""
-    return get_method(config.name)(config)
+    """The method object for a config, whose schema must be the method's own."""
+    method = get_method(config.name)
+    if type(config) is not method.config_class:
+        fail(
+            f"name={config.name!r} belongs to {method.config_class.__name__}, "
+            f"not {type(config).__name__}."
+        )
+    return method(config)

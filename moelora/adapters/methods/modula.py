@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moelora.adapters.config import AdapterConfig, check_choice, fail, setting
+from moelora.adapters.config import AdapterConfig, fail, setting
 from moelora.adapters.gates import DomainGate
 from moelora.adapters.methods.base import LayerParts, Method, register_method
+from moelora.errors import check_choice
 from moelora.log import get_logger
 
 log = get_logger(__name__)
@@ -59,8 +60,8 @@ class ModulaConfig(AdapterConfig):
             fail(f"aux_loss_coef={self.aux_loss_coef} must be at least 0 (0 = off).")
         if self.router_supervision_coef < 0:
             fail(f"router_supervision_coef={self.router_supervision_coef} must be at least 0.")
-        check_choice(self, "router_input", ("token", "prompt"))
-        check_choice(self, "scaling_rank", ("expert", "total"))
+        check_choice("method.router_input", self.router_input, ("token", "prompt"))
+        check_choice("method.scaling_rank", self.scaling_rank, ("expert", "total"))
         if self.router_top_k is not None and self.router_top_k < 1:
             fail(f"router_top_k={self.router_top_k} must be null or at least 1.")
         bad = [s for s in self.stages if s not in STAGES]

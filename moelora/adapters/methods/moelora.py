@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moelora.adapters.config import ExpertConfig, check_choice, fail, setting
+from moelora.adapters.config import ExpertConfig, fail, setting
 from moelora.adapters.gates import SharedTaskWeights, TaskGate
 from moelora.adapters.methods.base import LayerParts, Method, register_method
+from moelora.errors import check_choice
 
 
 @dataclass
@@ -20,7 +21,7 @@ class MoeloraConfig(ExpertConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice(self, "gate_scope", ("shared", "layer"))
+        check_choice("method.gate_scope", self.gate_scope, ("shared", "layer"))
         if self.task_embedding_dim < 1:
             fail(f"task_embedding_dim={self.task_embedding_dim} must be at least 1.")
 

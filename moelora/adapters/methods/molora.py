@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moelora.adapters.config import ExpertConfig, check_choice, fail, setting
+from moelora.adapters.config import ExpertConfig, fail, setting
 from moelora.adapters.gates import TopKRouter
 from moelora.adapters.methods.base import LayerParts, Method, register_method
+from moelora.errors import check_choice
 from moelora.log import get_logger
 
 log = get_logger(__name__)
@@ -31,7 +32,7 @@ class MoloraConfig(ExpertConfig):
         super().__post_init__()
         if not 1 <= self.top_k <= self.num_experts:
             fail(f"top_k={self.top_k} must lie in [1, num_experts={self.num_experts}].")
-        check_choice(self, "expert_compute", ("dense", "gather", "auto"))
+        check_choice("method.expert_compute", self.expert_compute, ("dense", "gather", "auto"))
         if self.aux_loss_coef < 0:
             fail(f"aux_loss_coef={self.aux_loss_coef} must be at least 0 (0 = off).")
 
