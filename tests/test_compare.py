@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moelora.analysis.compare import write_summary
 from moelora.analysis.plots import curve_series
 from moelora.analysis.runs import find_runs
-from moelora.analysis.summary import beyond_spread, summarize, write_summary
+from moelora.analysis.summary import beyond_spread, summarize
 from moelora.errors import UserError
 from tests.test_config import in_process
 from tests.test_train import SMALL

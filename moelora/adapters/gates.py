@@ -121,6 +121,12 @@ class TopKRouter(nn.Module):
         return g
 
 
+# MoDULA's training stages, in order, named once: the gate's behaviour depends on them.
+UNIVERSAL, DOMAIN, ROUTER_WARMUP, ROUTER = "universal", "domain", "router_warmup", "router"
+MODULA_STAGES = (UNIVERSAL, DOMAIN, ROUTER_WARMUP, ROUTER)
+ROUTER_STAGES = (ROUTER_WARMUP, ROUTER)  # only the router trains
+
+
 class DomainGate(nn.Module):
     """modula/modula_res: expert 0 is universal, experts 1..D belong to the domains.
 
@@ -155,14 +161,14 @@ class DomainGate(nn.Module):
 
     @property
     def static(self) -> bool:
-        return self.stage in ("universal", "domain", "router_warmup")
+        return self.stage in (UNIVERSAL, DOMAIN, ROUTER_WARMUP)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         state = routing.state
-        if self.stage == "universal":
+        if self.stage == UNIVERSAL:
             return F.one_hot(torch.tensor(0, device=x.device), self.num_domains + 1).float()
-        if self.stage in ("domain", "router_warmup"):
-            if self.stage == "router_warmup":
+        if self.stage in (DOMAIN, ROUTER_WARMUP):
+            if self.stage == ROUTER_WARMUP:
                 self.warm_up(x, state)
             domain = state.ids("domain_ids", x.shape[0])
             g = F.one_hot(domain + 1, self.num_domains + 1).float()

@@ -10,12 +10,32 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from moelora.analysis.runs import find_runs
-from moelora.analysis.summary import write_summary
+from moelora.analysis.plots import plot_summary
+from moelora.analysis.runs import RunResult, find_runs
+from moelora.analysis.summary import (
+    Row,
+    baseline,
+    summarize,
+    task_names,
+    write_csv,
+    write_markdown,
+)
 from moelora.errors import UserError
 from moelora.log import get_logger
 
 log = get_logger(__name__)
+
+
+def write_summary(
+    runs: list[RunResult], out_dir: Path, baseline_label: str | None = None
+) -> list[Row]:
+    """summary.md, summary.csv and summary.png in `out_dir`."""
+    rows = summarize(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_markdown(rows, out_dir / "summary.md", baseline(rows, baseline_label))
+    write_csv(rows, out_dir / "summary.csv")
+    plot_summary(rows, task_names(rows), out_dir / "summary.png")
+    return rows
 
 
 def compare(paths: list[Path], out_dir: Path, baseline: str | None = None) -> Path:

@@ -4,7 +4,6 @@ backend (files only, no display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,9 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moelora import atomic  # noqa: E402
-
-if TYPE_CHECKING:
-    from moelora.analysis.summary import Row
+from moelora.analysis.summary import Row  # noqa: E402
 
 
 def save_figure(figure: plt.Figure, path: Path, **options: object) -> None:

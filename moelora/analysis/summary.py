@@ -184,17 +184,3 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 values += [stat.mean, stat.std] if stat else ["", ""]
             values += [row.info[k].mean if k in row.info else "" for k in INFO_KEYS]
             writer.writerow(values)
-
-
-def write_summary(
-    runs: list[RunResult], out_dir: Path, baseline_label: str | None = None
-) -> list[Row]:
-    """summary.md, summary.csv and summary.png in `out_dir`."""
-    from moelora.analysis.plots import plot_summary
-
-    rows = summarize(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(rows, out_dir / "summary.md", baseline(rows, baseline_label))
-    write_csv(rows, out_dir / "summary.csv")
-    plot_summary(rows, task_names(rows), out_dir / "summary.png")
-    return rows

@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from torch import nn
 
 from moelora.adapters.config import AdapterConfig, fail, setting
-from moelora.adapters.gates import DomainGate
+from moelora.adapters.gates import (
+    DOMAIN,
+    MODULA_STAGES,
+    ROUTER_STAGES,
+    UNIVERSAL,
+    DomainGate,
+)
 from moelora.adapters.methods.base import LayerParts, Method, register_method
 from moelora.errors import check_choice
 from moelora.log import get_logger
 
 log = get_logger(__name__)
-
-STAGES = ("universal", "domain", "router_warmup", "router")
-ROUTERS = ("router_warmup", "router")  # the stages in which only the router trains
 
 
 @dataclass
@@ -64,10 +67,10 @@ class ModulaConfig(AdapterConfig):
         check_choice("method.scaling_rank", self.scaling_rank, ("expert", "total"))
         if self.router_top_k is not None and self.router_top_k < 1:
             fail(f"router_top_k={self.router_top_k} must be null or at least 1.")
-        bad = [s for s in self.stages if s not in STAGES]
+        bad = [s for s in self.stages if s not in MODULA_STAGES]
         if bad:
-            fail(f"stages {bad} are unknown; use a list from {', '.join(STAGES)}.")
-        if self.add_domains and "universal" in self.stages:
+            fail(f"stages {bad} are unknown; use a list from {', '.join(MODULA_STAGES)}.")
+        if self.add_domains and UNIVERSAL in self.stages:
             fail(
                 "add_domains keeps the earlier run's universal expert; drop universal from "
                 "method.stages (method.stages=[domain,router])."
@@ -90,8 +93,8 @@ class MoDULA(Method):
         "router_supervision": "router_supervision_coef",
     }
     export_per = "domain"
-    stage_names = STAGES
-    forced_stage = "domain"
+    stage_names = MODULA_STAGES
+    forced_stage = DOMAIN
     residual = False
 
     def layer_parts(self, d_in: int, num_tasks: int, num_domains: int) -> LayerParts:
@@ -124,19 +127,19 @@ class MoDULA(Method):
     def stage_rows(self, stage: str | None) -> str:
         """The domain stage of an added domain sees only its rows; the router (and its warm-up)
         sees every domain equally often, so it is not trained mostly on the largest one."""
-        if stage == "domain" and self.config.add_domains:
+        if stage == DOMAIN and self.config.add_domains:
             return "added_domains"
-        return "balanced_domains" if stage in ROUTERS else "mixture"
+        return "balanced_domains" if stage in ROUTER_STAGES else "mixture"
 
     def enter_stage(self, layer: nn.Module, stage: str | None, domains: set[int]) -> list:
         """universal: the universal expert trains; domain: the chosen domain experts, each row
         gated to its own; router_warmup and router: only the router; None: everything, routed."""
         layer.gate.stage = stage
-        if stage == "universal":
+        if stage == UNIVERSAL:
             return list(layer.group(0))
-        if stage == "domain":
+        if stage == DOMAIN:
             return [p for d in domains for p in layer.group(d + 1)]
-        return list(layer.gate.parameters()) if stage in ROUTERS else []
+        return list(layer.gate.parameters()) if stage in ROUTER_STAGES else []
 
 
 @register_method
