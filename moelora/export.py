@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import AutoConfig
 
 from moelora import atomic
 from moelora.adapters import export_peft_adapter, get_method, merge_adapter
-from moelora.config import ExportConfig, ModelConfig
+from moelora.config import ExportConfig, ModelConfig, load_config
 from moelora.errors import UserError
 from moelora.log import get_logger
 from moelora.rundir import load_run
@@ -22,7 +22,7 @@ FORMATS = ("peft", "merged")
 
 
 def export_command(raw: DictConfig) -> None:
-    cfg: ExportConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    cfg: ExportConfig = load_config(raw)
     unknown = [f for f in cfg.formats if f not in FORMATS]
     if unknown or not cfg.formats:
         raise UserError(f"formats={cfg.formats} must be a non-empty list from {FORMATS}.")

@@ -37,6 +37,27 @@ _SIZED_BY_HIDDEN = {
 }
 
 
+# The dtype a 4-bit base computes in, from the run's mixed precision.
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_placement(
+    accelerator: Accelerator, hardware: HardwareConfig
+) -> tuple[bool, str | None, torch.device, torch.dtype]:
+    """The arguments after the cache dir that `load_base_model` and `load_run` take to load a
+    base for this process: (on_cpu, quantization, device, compute dtype of the precision)."""
+    device = accelerator.device
+    precision = COMPUTE_DTYPES[accelerator.mixed_precision]
+    return device.type == "cpu", hardware.quantization, device, precision
+
+
+def place_model(model: torch.nn.Module, hardware: HardwareConfig, accelerator: Accelerator) -> None:
+    """Move a model (base and adapters) to this process's device; a 4-bit base was placed while
+    loading and stays where bitsandbytes put it."""
+    if not hardware.quantization:
+        model.to(accelerator.device)
+
+
 def on_cpu(hardware: HardwareConfig) -> bool:
     return hardware.cpu or not torch.cuda.is_available()
 

@@ -66,10 +66,6 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-# The dtype a 4-bit base computes in, from the run's mixed precision.
-COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_dtype(name: str, on_cpu: bool) -> torch.dtype:
     """`auto` is fp32 on CPU (bf16 is ~30x slower there) and bf16 on an accelerator."""
     if name == "auto":

@@ -9,18 +9,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from datasets import Dataset
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from moelora.adapters import get_method, method_names
 from moelora.atomic import atomic
-from moelora.config import PredictConfig
+from moelora.config import PredictConfig, load_config
 from moelora.data.formatting import PromptFormatter, tokenize_split
 from moelora.data.pipeline import check_files, read_rows_to_answer
 from moelora.data.tasks import TaskRegistry
 from moelora.errors import UserError
 from moelora.evaluate.generate import generate_answers
+from moelora.evaluate.loading import check_generation_hardware, command_line_changes, open_run
 from moelora.evaluate.report import write_predictions
-from moelora.evaluate.run import check_generation_hardware, command_line_changes, open_run
 from moelora.log import get_logger
 from moelora.rundir import RunSettings, guard_eval_output, read_run
 
@@ -32,7 +32,7 @@ SUBMISSION_FIELDS = ("input", "target", "answer_choices", "task_type", "task_dat
 
 
 def predict_command(raw: DictConfig) -> None:
-    cfg: PredictConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    cfg: PredictConfig = load_config(raw)
     out_dir = Path(cfg.output_dir)
     guard_eval_output(out_dir)
     if check_generation_hardware(cfg, "predict"):

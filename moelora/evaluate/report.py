@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from moelora import atomic
+from moelora.log import get_logger
+from moelora.resume import FINISHED_FILE
+
+log = get_logger(__name__)
 
 
 def _cell(scores: dict | None, task: str | None) -> str:
@@ -80,9 +84,17 @@ def write_report(
     info: dict[str, Any],
     figures: dict[str, str] | None = None,
 ) -> None:
-    """report.md, then metrics.json: the file whose presence says a run has finished."""
-    atomic.write_text(directory / "report.md", render_report(title, columns, info, figures))
-    atomic.write_json(directory / "metrics.json", {"info": info, **columns})
+    """report.md, shown on the console, then metrics.json."""
+    report = render_report(title, columns, info, figures)
+    atomic.write_text(directory / "report.md", report)
+    log.info(report)
+    write_metrics(directory, info, columns)
+
+
+def write_metrics(directory: Path, info: dict[str, Any], columns: dict[str, dict | None]) -> None:
+    """metrics.json: what a run or scoring measured, for machines; written last, its presence
+    says a run has finished (`moelora.resume`)."""
+    atomic.write_json(directory / FINISHED_FILE, {"info": info, **columns})
 
 
 def write_predictions(path: Path, rows, predictions: list[str]) -> None:

@@ -14,6 +14,7 @@ from typing import ClassVar
 from torch import nn
 
 from moelora.adapters.config import AdapterConfig, fail
+from moelora.errors import UserError
 
 
 @dataclass
@@ -119,6 +120,21 @@ def get_method(name: str) -> type[Method]:
     if name not in METHOD_REGISTRY:
         fail(f"name={name!r} is unknown; use one of {', '.join(METHOD_REGISTRY)}.")
     return METHOD_REGISTRY[name]
+
+
+def inference_stage(method: str, force_domain: bool) -> str | None:
+    """The adapter stage to score with: as trained (None), or with `eval.force_domain` the
+    method's stage that gates each row by its own domain expert (MoDULA's `domain`)."""
+    if not force_domain:
+        return None
+    stage = get_method(method).forced_stage
+    if stage is None:
+        having = [m for m in method_names() if get_method(m).forced_stage is not None]
+        raise UserError(
+            f"eval.force_domain=true is for {', '.join(having)} (methods with domain experts), "
+            f"not {method}; remove it."
+        )
+    return stage
 
 
 def method_config(config: AdapterConfig | Mapping, strict: bool = True) -> AdapterConfig:

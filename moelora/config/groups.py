@@ -1,18 +1,14 @@
-"""Typed schemas for every config group, registered with Hydra so that a misspelt key or a wrong
-type fails at start with the key's name, before any model is loaded."""
+"""The config groups' schemas (model, data, hardware, trainer, eval): each checks its own values
+in `__post_init__`, naming the key."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-from moelora.adapters.config import AdapterConfig
-from moelora.adapters.methods import METHOD_REGISTRY
 from moelora.errors import UserError, check_choice, check_range
-from moelora.paths import DATA_DIR
 
 STRATEGIES = ("single", "ddp", "deepspeed")
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
@@ -250,86 +246,3 @@ class EvalConfig:
         check_choice("eval.scorer", self.scorer, SCORER_CHOICES)
         check_range("eval.batch_size", self.batch_size, 1)
         check_range("eval.max_new_tokens", self.max_new_tokens, 1, optional=True)
-
-
-@dataclass
-class TrainConfig:
-    method: AdapterConfig = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    run_dir: str = MISSING
-    cache_dir: str = MISSING
-
-
-@dataclass
-class GenerationRunConfig:
-    """What `eval` and `predict` share: model, data and eval settings (a run's own, with the
-    command line's keys on top, when run_dir is given), the hardware and where to write."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = MISSING
-    cache_dir: str = MISSING
-
-
-@dataclass
-class EvalRunConfig(GenerationRunConfig):
-    """`moelora eval`: score a training run, a base model, or a predictions file."""
-
-    run_dir: str | None = None  # a training run to re-score (its config and adapter are used)
-    predictions: str | None = None  # a JSONL of {sample_id, prediction} to score without a model
-
-
-@dataclass
-class PredictConfig(GenerationRunConfig):
-    """`moelora predict`: a run's answers for rows without targets (a test split), or for one
-    prompt typed on the command line."""
-
-    run_dir: str = MISSING
-    input: str | None = None  # one prompt to answer on the console instead of the eval files
-    task: str | None = None  # the task of that prompt (needed by task-routed methods)
-
-
-@dataclass
-class ExportConfig:
-    """`moelora export`: one task's adapter of a run as a PEFT LoRA adapter and/or merged model."""
-
-    run_dir: str = MISSING
-    task: str | None = None  # required for task-gated methods (moelora)
-    formats: list[str] = field(default_factory=lambda: ["peft"])  # peft | merged
-    output_dir: str = MISSING
-    cache_dir: str = MISSING
-
-
-def register_configs() -> None:
-    """Register the schemas that train.yaml/eval.yaml name first in their defaults lists, and
-    each registered method's schema as `method_schema/<name>`, which its `configs/method/`
-    yaml names first in its defaults list."""
-    cs = ConfigStore.instance()
-    for name, method in METHOD_REGISTRY.items():
-        cs.store(group="method_schema", name=name, node=method.config_class)
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalRunConfig)
-    cs.store(name="predict_schema", node=PredictConfig)
-    cs.store(name="export_schema", node=ExportConfig)
-    if not OmegaConf.has_resolver("moelora_data"):
-        OmegaConf.register_new_resolver("moelora_data", lambda sub="": str(DATA_DIR / sub))
-    if not OmegaConf.has_resolver("moelora_devices"):
-        OmegaConf.register_new_resolver("moelora_devices", _visible_gpus)
-
-
-def _visible_gpus() -> int:
-    """Processes per machine for the multi-device presets: every visible GPU (1 without one)."""
-    import torch
-
-    return max(torch.cuda.device_count(), 1)
-
-
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    """The fully resolved config as plain Python, for saving in the run directory."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
