@@ -40,13 +40,13 @@ examples:
 
 
 def _run_train(cfg: DictConfig) -> None:
-    from moelora.train.loop import train
+    from moelora.train.recipe import train
 
     train(cfg)
 
 
 def _run_eval(cfg: DictConfig) -> None:
-    from moelora.evaluate.run import evaluate_command
+    from moelora.evaluate.command import evaluate_command
 
     evaluate_command(cfg)
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from moelora.config import register_configs
+from moelora.config import load_config, register_configs
 from moelora.data.batching import loss_loader
 from moelora.paths import CONFIG_DIR
-from moelora.train import loop
+from moelora.train import loop, recipe
+from moelora.train.setup import setup_run
 
 SHAPES = {
     "demo": [],
@@ -75,7 +76,7 @@ def moelora_train(args: argparse.Namespace, run_dir: Path) -> float:
 
     loop.forward_backward, loop._after_step = counted, clocked
     try:
-        loop.train(config(args, run_dir))
+        recipe.train(config(args, run_dir))
     finally:
         loop.forward_backward, loop._after_step = forward_backward, after_step
     return steady(times, tokens, args.skip)
@@ -83,15 +84,16 @@ def moelora_train(args: argparse.Namespace, run_dir: Path) -> float:
 
 def bare_loop(args: argparse.Namespace, run_dir: Path) -> float:
     """The same model build and batches, trained by forward, backward and an AdamW step."""
-    cfg = loop.load_train_config(config(args, run_dir))
-    run = loop.prepare(cfg, config(args, run_dir))
-    loop.build(run)
+    raw = config(args, run_dir)
+    cfg = load_config(raw)
+    run = setup_run(cfg, raw, resuming=False)
     model, t = run.model.train(), cfg.trainer
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=t.lr)
     loader = loss_loader(
         run.data.train,
         t.batch_size,
         model.base_model.config.pad_token_id or 0,
+        cfg.data,
         sampler=run.sampler,
         generator=torch.Generator().manual_seed(t.seed),
     )
@@ -106,6 +108,7 @@ def bare_loop(args: argparse.Namespace, run_dir: Path) -> float:
             times.append(time.perf_counter())
             if len(times) == args.steps:
                 break
+    run.accelerator.end_training()
     return steady(times, tokens, args.skip)
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import REPO, compose_config
 from tests.test_predict import targetless_copy
 from tests.test_train import SMALL

@@ -303,7 +303,7 @@ def test_a_damaged_model_folder_stops_in_one_line(damage, message, capsys, tmp_p
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from moelora.train.loop import train
+    from moelora.train.recipe import train
     from tests.conftest import compose_config
 
     run_dir = tmp_path_factory.mktemp("finished") / "run"

@@ -13,15 +13,16 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from moelora.adapters import AdaptedModel
-from moelora.config import HardwareConfig, TrainerConfig
+from moelora.config import HardwareConfig, TrainerConfig, load_config
 from moelora.data.pipeline import prepare_data
 from moelora.errors import UserError
-from moelora.evaluate.run import eval_loss, evaluate_command
+from moelora.evaluate.command import evaluate_command
+from moelora.evaluate.scoring import eval_loss
 from moelora.hardware import deepspeed_config, fill_model_sizes
 from moelora.launch import launch, launch_command, needs_launch
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import load_run
-from moelora.train.loop import load_train_config, train
+from moelora.train.recipe import train
 from tests.conftest import TINY_SHAPE, compose_config
 
 PRESETS = ["cpu", "gpu", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "qlora_4bit"]
@@ -34,7 +35,7 @@ def hardware(name: str, *overrides: str) -> HardwareConfig:
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_composes_and_validates(name: str) -> None:
-    cfg = load_train_config(compose_config("train", [f"hardware={name}"], Path("unused")))
+    cfg = load_config(compose_config("train", [f"hardware={name}"], Path("unused")))
     assert cfg.hardware.name == name
     if name.startswith("zero"):
         zero = cfg.hardware.deepspeed["zero_optimization"]
@@ -148,7 +149,7 @@ def test_contradictory_hardware_settings_stop_with_one_sentence(
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    cfg = load_train_config(
+    cfg = load_config(
         compose_config(
             "train",
             [
@@ -266,7 +267,7 @@ def test_qlora_preset_trains_and_evals_on_4bit(tmp_path, capsys) -> None:
             quantization
         )
         rows = prepare_data(run.settings.data, run.tokenizer, run.registry).eval
-        return round(eval_loss(run.model, rows, load_train_config(cfg), Accelerator(cpu=True)), 4)
+        return round(eval_loss(run.model, rows, load_config(cfg), Accelerator(cpu=True)), 4)
 
     assert reloaded_eval_loss("nf4") == info["final_eval_loss"] != reloaded_eval_loss(None)
 

@@ -21,9 +21,9 @@ from moelora.adapters.gates import per_row
 from moelora.adapters.methods.base import METHOD_REGISTRY
 from moelora.adapters.routing import Routing
 from moelora.config import register_configs
-from moelora.evaluate.run import evaluate_command
+from moelora.evaluate.command import evaluate_command
 from moelora.rundir import load_run
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import REPO, TINY_SHAPE, compose_config
 from tests.test_config import in_process
 

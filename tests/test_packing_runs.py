@@ -9,7 +9,7 @@ import shutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import compose_config
 from tests.test_reliability import adapter, assert_identical_runs, history
 from tests.test_train import SMALL

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import compose_config
 from tests.test_train import SMALL
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from moelora.adapters.model import AdaptedModel
 from moelora.errors import RunStopped
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import REPO, compose_config
 from tests.test_train import SMALL
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import REPO, compose_config
 from tests.test_reliability import assert_identical_runs, start, wait_for_logged_steps
 from tests.test_train import SMALL

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelora.train.loop import train
+from moelora.train.recipe import train
 from tests.conftest import TINY_SHAPE, compose_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
@@ -77,7 +77,7 @@ def test_run_directory_holds_everything(finished_run) -> None:
 
 
 def test_eval_command_rescores_the_run(finished_run, tmp_path) -> None:
-    from moelora.evaluate.run import evaluate_command
+    from moelora.evaluate.command import evaluate_command
 
     run_dir, metrics = finished_run
     evaluate_command(compose_config("eval", [f"run_dir={run_dir}"], tmp_path))

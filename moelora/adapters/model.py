@@ -168,7 +168,7 @@ class AdaptedModel(nn.Module):
         """`torch.compile` each repeated block of the base in place (the classes its
         `_no_split_modules` names, the decoder layers), adapters included: one graph serves
         every layer, names and state dict keys stay as they are. Returns the compiled classes.
-        Methods whose routers record aux losses recompile per layer (see `load_train_config`).
+        Methods whose routers record aux losses recompile per layer (`TrainConfig` refuses them).
         `options` go to `torch.compile` (e.g. backend).
         """
         blocks = set(getattr(self.base_model, "_no_split_modules", None) or [])

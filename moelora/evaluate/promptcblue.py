@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-from moelora.config import SCORER_CHOICES
+from moelora.config.groups import SCORER_CHOICES
 from moelora.errors import UserError
 from moelora.evaluate import lenient, official
 from moelora.evaluate.metrics import macro_f1, weighted_f1
