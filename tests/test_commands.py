@@ -146,7 +146,8 @@ def test_wheel_ships_configs_and_demo_data(tmp_path: Path) -> None:
         "moelora/configs/method/moelora.yaml",
         "moelora/demo_data/demo/train.jsonl",
         "moelora/demo_data/tokenizer/tokenizer.json",
-        "moelora/cli.py",
+        "moelora/cli/__init__.py",
+        "moelora/config/commands.py",
         "moelora/adapters/methods/lora.py",
     ):
         assert needed in names, needed
