@@ -14,7 +14,7 @@ from moelora.adapters import export_peft_adapter, get_method, merge_adapter
 from moelora.config import ExportConfig, ModelConfig, load_config
 from moelora.errors import UserError
 from moelora.log import get_logger
-from moelora.rundir import load_run
+from moelora.rundir import LoadedRun, load_run
 
 log = get_logger(__name__)
 
@@ -41,19 +41,7 @@ def export_command(raw: DictConfig) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if "peft" in cfg.formats:
-            with atomic.atomic(out / "peft") as tmp:
-                export_peft_adapter(run.model, task_id, tmp, domain_id=domain_id)
-            log.info(f"PEFT LoRA adapter: {out / 'peft'}")
-        if "merged" in cfg.formats:
-            merged = merge_adapter(run.model, task_id, domain_id=domain_id)
-            saved_dtype = _checkpoint_dtype(run.settings.model)
-            if saved_dtype is not None:
-                merged.to(saved_dtype)
-            with atomic.atomic(out / "merged") as tmp:
-                merged.save_pretrained(tmp)
-                run.tokenizer.save_pretrained(tmp)
-            log.info(f"merged model: {out / 'merged'}")
+        _write_formats(run, cfg.formats, out, task_id, domain_id)
     except ValueError as err:
         raise UserError(str(err)) from None
     info = {
@@ -63,6 +51,26 @@ def export_command(raw: DictConfig) -> None:
         "formats": cfg.formats,
     }
     atomic.write_json(out / "export.json", info)
+
+
+def _write_formats(
+    run: LoadedRun, formats: list[str], out: Path, task_id: int | None, domain_id: int | None
+) -> None:
+    """The PEFT adapter and/or the merged model (in the checkpoint's own dtype), each written
+    whole or not at all."""
+    if "peft" in formats:
+        with atomic.atomic(out / "peft") as tmp:
+            export_peft_adapter(run.model, task_id, tmp, domain_id=domain_id)
+        log.info(f"PEFT LoRA adapter: {out / 'peft'}")
+    if "merged" in formats:
+        merged = merge_adapter(run.model, task_id, domain_id=domain_id)
+        saved_dtype = _checkpoint_dtype(run.settings.model)
+        if saved_dtype is not None:
+            merged.to(saved_dtype)
+        with atomic.atomic(out / "merged") as tmp:
+            merged.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+        log.info(f"merged model: {out / 'merged'}")
 
 
 def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype | None:

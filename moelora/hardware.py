@@ -120,20 +120,13 @@ def make_accelerator(
     if run_dir is not None:
         project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and world_size() > 1 else []
-    plugin = None
-    accumulation = None
+    plugin, accumulation = None, None
     if trainer is not None:
         accumulation = GradientAccumulationPlugin(
             num_steps=trainer.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
         )
         if hardware.strategy == "deepspeed":
-            if os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None):
-                log.info(
-                    "hardware.deepspeed is the DeepSpeed config; your accelerate config's is unused"
-                )
-            config = deepspeed_config(hardware, trainer, precision, world_size())
-            stage3 = config["zero_optimization"].get("stage") == 3
-            plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3)
+            plugin = _deepspeed_plugin(hardware, trainer, precision)
     accelerator = Accelerator(
         cpu=cpu and plugin is None,
         mixed_precision=precision,
@@ -146,6 +139,17 @@ def make_accelerator(
     )
     _check_layout(accelerator, hardware)
     return accelerator
+
+
+def _deepspeed_plugin(
+    hardware: HardwareConfig, trainer: TrainerConfig, precision: str
+) -> DeepSpeedPlugin:
+    """hardware.deepspeed, its "auto" fields filled; ZeRO-3 loads a base into partitions."""
+    if os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None):
+        log.info("hardware.deepspeed is the DeepSpeed config; your accelerate config's is unused")
+    config = deepspeed_config(hardware, trainer, precision, world_size())
+    stage3 = config["zero_optimization"].get("stage") == 3
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3)
 
 
 def _check_layout(accelerator: Accelerator, hardware: HardwareConfig) -> None:

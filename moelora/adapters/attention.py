@@ -46,25 +46,32 @@ def row_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    gqa = query.shape[1] != key.shape[1]
     dropout = dropout if module.training else 0.0
-    sequences = []
-    for batch, positions in enumerate(position_ids.expand(query.shape[0], -1)):
-        starts = (positions == 0).nonzero().flatten().tolist()
-        rows = [
-            F.scaled_dot_product_attention(
-                query[batch : batch + 1, :, start:end],
-                key[batch : batch + 1, :, start:end],
-                value[batch : batch + 1, :, start:end],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-            for start, end in zip(starts, [*starts[1:], len(positions)], strict=True)
-        ]
-        sequences.append(torch.cat(rows, dim=2))
+    sequences = [
+        _rows_of(query[b : b + 1], key[b : b + 1], value[b : b + 1], positions, dropout, scaling)
+        for b, positions in enumerate(position_ids.expand(query.shape[0], -1))
+    ]
     return torch.cat(sequences).transpose(1, 2).contiguous(), None
+
+
+def _rows_of(
+    query: Tensor, key: Tensor, value: Tensor, positions: Tensor, dropout: float, scaling
+) -> Tensor:
+    """One packed sequence (1, heads, seq, dim): sdpa's fused causal kernel on each row."""
+    starts = (positions == 0).nonzero().flatten().tolist()
+    rows = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        for start, end in zip(starts, [*starts[1:], len(positions)], strict=True)
+    ]
+    return torch.cat(rows, dim=2)
 
 
 def row_mask(*args, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:

@@ -116,6 +116,49 @@ def expand_gate(g: Tensor, batch: int, seq: int) -> Tensor:
     return g.expand(batch, seq, g.shape[-1])
 
 
+class RoutingRecorder:
+    """Forward hooks that add every full-sequence forward's gate weights and expert similarities
+    to the sums of each layer group (all layers, and by depth), per task of the batch's rows."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], task_names: list[str]) -> None:
+        self.group_of = depth_groups(list(layers))
+        names = ["all", *dict.fromkeys(self.group_of.values())]
+        self.groups = {name: LayerGroupSums() for name in names}
+        self.task_names, self.tasks, self.mask = task_names, [], torch.zeros(0, 0)
+        self.handles = [lay.gate.register_forward_hook(self._gate(p)) for p, lay in layers.items()]
+        self.handles += [lay.register_forward_hook(self._layer(p)) for p, lay in layers.items()]
+
+    def see(self, batch: dict) -> None:
+        """The rows of the batch about to run forward."""
+        self.tasks = [self.task_names[int(t)] for t in batch["task_ids"]]
+        self.mask = batch["attention_mask"].cpu()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _gate(self, path: str):
+        def record(module, args, g: Tensor) -> None:
+            batch, seq = self.mask.shape
+            if g.dim() == 3 and g.shape[1] not in (1, seq):  # not a full-sequence forward
+                return
+            for name in {"all", self.group_of[path]}:
+                self.groups[name].add(self.tasks, expand_gate(g, batch, seq), self.mask)
+
+        return record
+
+    def _layer(self, path: str):
+        def record(module, args, output) -> None:
+            x = args[0]
+            if x.shape[:-1] != self.mask.shape:  # not a full-sequence forward
+                return
+            cosine = expert_cosines(module, x[self.mask.to(x.device).bool()])
+            for name in {"all", self.group_of[path]}:
+                self.groups[name].add_similarity(cosine)
+
+        return record
+
+
 @torch.no_grad()
 def collect_routing(model, batches, task_names: list[str]) -> dict | None:
     """Routing statistics of `model` (an AdaptedModel) over `batches` (loss_loader batches on
@@ -124,45 +167,16 @@ def collect_routing(model, batches, task_names: list[str]) -> dict | None:
     if experts < 2:
         return None
     layers = {p: lay for p, lay in model.adapted_layers.items() if lay.num_experts == experts}
-    group_of = depth_groups(list(layers))
-    groups = {name: LayerGroupSums() for name in ["all", *dict.fromkeys(group_of.values())]}
-    current: dict = {}
-
-    def hook(path: str):
-        def record(module, args, g: Tensor) -> None:
-            batch, seq = current["mask"].shape
-            if g.dim() == 3 and g.shape[1] not in (1, seq):  # not a full-sequence forward
-                return
-            g = expand_gate(g, batch, seq)
-            for name in {"all", group_of[path]}:
-                groups[name].add(current["tasks"], g, current["mask"])
-
-        return record
-
-    def similarity_hook(path: str):
-        def record(module, args, output) -> None:
-            x, mask = args[0], current["mask"]
-            if x.shape[:-1] != mask.shape:  # not a full-sequence forward
-                return
-            cosine = expert_cosines(module, x[mask.to(x.device).bool()])
-            for name in {"all", group_of[path]}:
-                groups[name].add_similarity(cosine)
-
-        return record
-
-    handles = [layer.gate.register_forward_hook(hook(p)) for p, layer in layers.items()]
-    handles += [layer.register_forward_hook(similarity_hook(p)) for p, layer in layers.items()]
-    was_training = model.training
+    recorder, was_training = RoutingRecorder(layers, task_names), model.training
     model.eval()
     try:
         for batch in batches:
-            current["tasks"] = [task_names[int(t)] for t in batch["task_ids"]]
-            current["mask"] = batch["attention_mask"].cpu()
+            recorder.see(batch)
             model(**batch)
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.remove()
         model.train(was_training)
+    groups = recorder.groups
     if not groups["all"].count:
         return None
     report = {"experts": experts, "layers": len(layers)}

@@ -65,11 +65,16 @@ def predict_command(raw: DictConfig) -> None:
     if cfg.input is not None:
         print(answers[0])
         return
+    _write_answers(out_dir, rows, answers, f"run {cfg.run_dir} ({settings.method})")
+
+
+def _write_answers(out_dir: Path, rows: Dataset, answers: list[str], source: str) -> None:
+    """predictions.jsonl (with the gold targets, if any) and the official submission file."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(out_dir / "predictions.jsonl", rows, answers)
     write_submission(out_dir / SUBMISSION_NAME, rows, answers)
     log.info(
-        f"{len(answers)} answers from run {cfg.run_dir} ({settings.method}): "
+        f"{len(answers)} answers from {source}: "
         f"{out_dir / 'predictions.jsonl'} and {out_dir / SUBMISSION_NAME}"
     )
 

@@ -68,15 +68,29 @@ def forward_backward(
     # An infinite bound measures without clipping (the gradients are multiplied by exactly 1).
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = None if norm is None else float(norm)
-    # What is logged covers every process's rows, as one big batch would.
-    names = sorted(aux_sums)
     seen = sum(real_tokens(b) for b in micro)
+    return _reduced(accelerator, lm_sum, total, aux_sums, seen, grad_norm, stop)
+
+
+def _reduced(
+    accelerator: Accelerator,
+    lm_sum: float,
+    total: int,
+    aux_sums: dict[str, float],
+    seen: int,
+    grad_norm: float | None,
+    stop: bool,
+) -> StepResult:
+    """What is logged covers every process's rows, as one big batch would: the sums of all
+    processes in one reduction (the stop request too)."""
+    names = sorted(aux_sums)
     stats = torch.tensor(
         [lm_sum, seen, float(stop), *(aux_sums[n] for n in names)],
         dtype=torch.float64,
-        device=local.device,
+        device=accelerator.device,
     )
     summed = accelerator.reduce(stats, reduction="sum").tolist()
+    world = accelerator.num_processes
     aux = {name: value / world for name, value in zip(names, summed[3:], strict=True)}
     return StepResult(summed[0] / max(total, 1), aux, int(summed[1]), grad_norm, summed[2] > 0)
 
