@@ -59,7 +59,10 @@ BAD_SETTINGS = [
     ("method=moelora method.num_experts=0", "method: num_experts=0 must be at least 1"),
     ("method=moelora method.total_rank=10 method.num_experts=4", "total_rank=10 does not split"),
     ("method=contrastive method.contrastive_tau=0", "contrastive_tau > 0"),
-    ("method=molora method.expert_compute=sparse", "expert_compute='sparse' is not allowed"),
+    (
+        "method=molora method.expert_compute=sparse",
+        "method.expert_compute='sparse' is unknown; use one of dense, gather, auto",
+    ),
     ("method=molora trainer.compile=true", "trainer.compile=true cannot serve molora"),
     ("trainer.resume=true", "trainer.resume=true, but"),
     ("data.tasks=[DEMO-XYZ]", "DEMO-XYZ"),
