@@ -32,6 +32,11 @@ class RunResult:
         """The trained model's scores ("after"), None when the run was not scored."""
         return self.metrics.get("after")
 
+    @property
+    def validation(self) -> dict | None:
+        """The scores on the held-out training rows (data.validation), None without them."""
+        return self.metrics.get("validation")
+
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """{"trainer": {"lr": 1}} -> {"trainer.lr": 1}; lists stay values (as JSON text)."""

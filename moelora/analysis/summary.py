@@ -1,6 +1,7 @@
 """A comparison of finished runs: one row per configuration, mean ± std over its seeds.
 
-Scores are percentages of the headline reading (metrics.json's "after"). The std is the sample
+Scores are percentages of the headline reading of the dev set (metrics.json's "after"), and of
+the validation rows where the runs held some out ("validation"). The std is the sample
 standard deviation (n - 1) over seeds; with one seed it is unknown and no difference is called.
 A configuration's overall score differs from the baseline's beyond the seed-to-seed spread when
 |mean - baseline mean| > std + baseline std. The baseline is the configuration given by label,
@@ -55,6 +56,7 @@ class Row:
     runs: list[RunResult]
     tasks: dict[str, Stat] = field(default_factory=dict)
     overall: Stat = field(default_factory=lambda: Stat([]))
+    validation: Stat | None = None  # overall on the held-out training rows, when every run has it
     info: dict[str, Stat] = field(default_factory=dict)
 
     @property
@@ -89,6 +91,8 @@ def summarize(runs: list[RunResult]) -> list[Row]:
             for t in tasks
         }
         row.overall = Stat([100 * run.scores["overall"] for run in row.runs])
+        if all(run.validation for run in row.runs):
+            row.validation = Stat([100 * run.validation["overall"] for run in row.runs])
         row.info = {
             key: Stat([float(run.metrics["info"][key]) for run in row.runs])
             for key in INFO_KEYS
@@ -129,30 +133,30 @@ def task_names(rows: list[Row]) -> list[str]:
 def write_markdown(rows: list[Row], path: Path, base: Row) -> None:
     tasks = task_names(rows)
     info = [key for key in INFO_KEYS if all(key in row.info for row in rows)]
+    validated = any(row.validation is not None for row in rows)
     header = ["configuration", "n", *tasks, "overall", f"vs {base.label}"]
+    header += ["validation"] if validated else []
     header += [INFO_KEYS[key] for key in info]
     lines = [
         f"# Comparison of {sum(len(r.runs) for r in rows)} runs",
         "",
-        "Scores in % (mean ± sample std over seeds). The last score column says whether the "
+        "Scores in % (mean ± sample std over seeds). The column after overall says whether the "
         "overall score differs from the baseline's by more than the two seed stds together "
         "(n/a with one seed).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
+    if validated:
+        lines += [
+            "The task columns, overall and its comparison score the dev set (the numbers to "
+            "report); validation scores the training rows each run held out (data.validation), "
+            "the number settings were chosen by."
+        ]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        verdict = beyond_spread(row, base)
-        gap = row.overall.mean - base.overall.mean
-        compared = (
-            "baseline"
-            if row is base
-            else f"{gap:+.1f} "
-            + ("n/a" if verdict is None else ("beyond spread" if verdict else "within spread"))
-        )
         cells = [row.label, str(row.overall.n)]
         cells += [row.tasks[t].text() if t in row.tasks else "–" for t in tasks]
-        cells += [f"**{row.overall.text()}**", compared]
+        cells += [f"**{row.overall.text()}**", _compared(row, base)]
+        if validated:
+            cells.append(row.validation.text() if row.validation else "–")
         cells += [_info_text(key, row.info[key]) for key in info]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Runs (seed: directory):", ""]
@@ -160,6 +164,15 @@ def write_markdown(rows: list[Row], path: Path, base: Row) -> None:
         for run in sorted(row.runs, key=lambda r: r.seed):
             lines.append(f"- {row.label}, seed {run.seed}: `{run.path}`")
     atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def _compared(row: Row, base: Row) -> str:
+    """`+1.2 beyond spread`, `-0.3 within spread`, `+0.5 n/a` (one seed) or `baseline`."""
+    if row is base:
+        return "baseline"
+    verdict = beyond_spread(row, base)
+    words = "n/a" if verdict is None else ("beyond spread" if verdict else "within spread")
+    return f"{row.overall.mean - base.overall.mean:+.1f} {words}"
 
 
 def _info_text(key: str, stat: Stat) -> str:
@@ -171,6 +184,7 @@ def _info_text(key: str, stat: Stat) -> str:
 def write_csv(rows: list[Row], path: Path) -> None:
     tasks = task_names(rows)
     columns = ["configuration", "method", "n", "seeds", "overall_mean", "overall_std"]
+    columns += ["validation_mean", "validation_std"]
     columns += [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
     columns += [f"{key}_mean" for key in INFO_KEYS]
     with atomic.atomic(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -179,6 +193,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
         for row in rows:
             values = [row.label, row.method, row.overall.n, " ".join(map(str, row.seeds))]
             values += [row.overall.mean, row.overall.std]
+            validation = row.validation
+            values += [validation.mean, validation.std] if validation else ["", ""]
             for task in tasks:
                 stat = row.tasks.get(task)
                 values += [stat.mean, stat.std] if stat else ["", ""]

@@ -101,6 +101,12 @@ class DataConfig:
     dataset: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
+    # Rows held out of training to choose settings by (a sweep's objective), scored like the eval
+    # set and reported apart from it: a share of each task's training rows, drawn with
+    # validation_seed (the same rows whatever trainer.seed), or files under root.
+    validation: float = 0.0
+    validation_files: list[str] | None = None
+    validation_seed: int = 0
     tasks: list[str] | None = None  # train on these tasks only (default: all in the files)
     eval_tasks: list[str] | None = None  # score these tasks only (default: data.tasks, or all)
     max_eval_samples_per_task: int | None = None
@@ -127,6 +133,12 @@ class DataConfig:
         check_choice("data.packing", self.packing, PACKINGS)
         check_range("data.pack_length", self.pack_length, 2, optional=True)
         check_range("data.group_window", self.group_window, 1)
+        check_range("data.validation", self.validation, 0, 1, below=True)
+        if self.validation and self.validation_files:
+            raise UserError(
+                "data.validation and data.validation_files both choose the validation rows; "
+                "set one of them."
+            )
         check_range("data.max_source_length", self.max_source_length, 1)
         check_range("data.max_target_length", self.max_target_length, 1)
         check_range(

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moelora.config import DataConfig
 from moelora.data.formatting import LengthReport, PromptFormatter, tokenize_split
+from moelora.data.holdout import hold_out
 from moelora.data.reader import load_named_split, load_split, only_tasks, resolve_files
 from moelora.data.tasks import TaskRegistry
 
@@ -20,12 +21,15 @@ class PreparedData:
     train: Dataset | None
     eval: Dataset
     reports: dict[str, LengthReport]
+    validation: Dataset | None = None  # held-out training rows (data.validation*), when asked
 
 
 def check_files(cfg: DataConfig, splits: tuple[str, ...] = ("train", "eval")) -> None:
     """Fail on a missing data folder or file before anything slow (tokenizer, model) is loaded."""
     for split in splits if not cfg.dataset else ():
         resolve_files(cfg.root, getattr(cfg, f"{split}_files"), f"data.{split}_files")
+    if cfg.validation_files and "train" in splits:
+        resolve_files(cfg.root, cfg.validation_files, "data.validation_files")
 
 
 def read_split(cfg: DataConfig, split: str) -> Dataset:
@@ -77,13 +81,29 @@ def prepare_data(
     (re-scoring a run) the training files are not read."""
     formatter = PromptFormatter(tokenizer, cfg)
     reports: dict[str, LengthReport] = {}
-    train = None
+    train = validation = None
     if registry is None:
-        rows = read_split(cfg, "train")
+        rows, held = read_training_rows(cfg)
         registry = TaskRegistry.from_rows(rows, cfg.domains)
         if extend is not None:
             registry = extend.extend(registry)
         train, reports["train"] = tokenize_split(rows, formatter, registry, "train", True)
+        if held is not None:
+            validation, reports["validation"] = tokenize_split(
+                held, formatter, registry, "validation", False
+            )
     eval_rows = read_eval_rows(cfg)
     evaluation, reports["eval"] = tokenize_split(eval_rows, formatter, registry, "eval", False)
-    return PreparedData(registry, train, evaluation, reports)
+    return PreparedData(registry, train, evaluation, reports, validation)
+
+
+def read_training_rows(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
+    """(rows to train on, validation rows or None): `data.validation` holds a share of each
+    task's training rows out; `data.validation_files` reads them (a task the training rows do
+    not have stops when they are tokenized)."""
+    rows = read_split(cfg, "train")
+    if cfg.validation:
+        return hold_out(rows, cfg.validation, cfg.validation_seed)
+    if cfg.validation_files:
+        return rows, load_split(cfg.root, cfg.validation_files, "data.validation_files", None)
+    return rows, None

@@ -51,6 +51,12 @@ def render_report(
     lines += [f"- {key}: {value}" for key, value in info.items()]
     notes = "; ".join(SCORER_NOTES[s] for s in scorers)
     lines += ["", f"Scores are percentages (PromptCBLUE metrics, greedy decoding); {notes}."]
+    held = next((s["num_rows"] for n, s in columns.items() if n.startswith("validation") and s), {})
+    if held:
+        lines += [
+            f"validation = {sum(held.values())} training rows held out of training (data."
+            f"validation), to choose settings by; the other columns and `rows` are the dev set."
+        ]
     empty = next((s.get("empty_targets") for s in columns.values() if s), None)
     if empty:
         where = ", ".join(f"{task} {n}" for task, n in empty.items())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from omegaconf import DictConfig
 
 from moelora import atomic, run_lock
@@ -111,6 +112,9 @@ class TrainRecipe:
         columns = report_columns("before", _read_json(run.run_dir / BEFORE_FILE))
         if run.cfg.eval.enabled:
             columns |= report_columns("after", self._score(run.model, "after"))
+            if run.data.validation is not None:  # held-out training rows: to choose settings by
+                scored = self._score(run.model, "validation", run.data.validation)
+                columns |= report_columns("validation", scored)
         run.accelerator.wait_for_everyone()  # the main process has written the history
         info = run_info(run, self.progress)
         write_run_report(run, info, columns)
@@ -132,14 +136,17 @@ class TrainRecipe:
         if self.run.accelerator.is_main_process:
             atomic.write_json(self.run.run_dir / BEFORE_FILE, before)
 
-    def _score(self, model: torch.nn.Module, label: str) -> dict[str, dict]:
-        """Scores on the dev set by reading; predictions_<label>.jsonl in the run dir."""
+    def _score(
+        self, model: torch.nn.Module, label: str, rows: Dataset | None = None
+    ) -> dict[str, dict]:
+        """Scores on the dev set (or `rows`) by reading; predictions_<label>.jsonl in the run
+        dir."""
         run = self.run
         cfg, limit = run.cfg, run.cfg.data.max_target_length
+        rows = run.data.eval if rows is None else rows
         return score_model(
-            model, run.tokenizer, run.data.eval, cfg.eval, limit, run.accelerator, label,
-            run.run_dir,
-        )  # fmt: skip
+            model, run.tokenizer, rows, cfg.eval, limit, run.accelerator, label, run.run_dir
+        )
 
 
 def _read_metrics(cfg: TrainConfig) -> dict:
