@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from moelora.adapters import AdaptedModel, AdapterConfig, load_adapter
+from moelora.adapters import AdaptedModel, AdapterConfig, get_method, load_adapter
 from moelora.adapters.config import SHAPE_FIELDS
 from moelora.adapters.storage import CONFIG_NAME, WEIGHTS_NAME
 from moelora.atomic import error_words
@@ -80,16 +80,30 @@ def check_resume_config(run_dir: str | Path, current: dict) -> None:
             f"resume with method={was}, or choose a new run_dir for {now}."
         )
     for group in ("method", "data"):
+        # A key the saved config lacks (a run made before the key existed) had its default.
+        defaults = _defaults(DataConfig if group == "data" else get_method(now).config_class)
+        was_set = defaults | saved[group]
         changed = sorted(
-            k
-            for k in set(saved[group]) | set(current[group])
-            if saved[group].get(k) != current[group].get(k)
+            k for k in set(was_set) | set(current[group]) if was_set.get(k) != current[group].get(k)
         )
         if changed:
             raise UserError(
                 f"trainer.resume=true, but {group}.{changed[0]} differs from {saved_file}; "
                 f"resume with the run's own {group} settings."
             )
+
+
+def _defaults(schema: type) -> dict[str, Any]:
+    """The plain default of each field of a config dataclass that has one."""
+    found = {}
+    for spec in fields(schema):
+        if spec.default is not MISSING:
+            found[spec.name] = spec.default
+        elif spec.default_factory is not MISSING:
+            value = spec.default_factory()
+            if not is_dataclass(value):
+                found[spec.name] = value
+    return found
 
 
 # The parts of a run's config that `moelora eval run_dir=...` reuses (and lets you change).

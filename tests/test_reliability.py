@@ -222,7 +222,7 @@ def test_a_signal_to_one_ddp_rank_stops_both_and_resume_equals_the_uninterrupted
 
 
 def test_a_second_signal_stops_at_once_but_a_forwarded_copy_does_not(monkeypatch) -> None:
-    from moelora.train import signals
+    from moelora import signals
 
     exits: list[int] = []
     monkeypatch.setattr(signals.os, "_exit", exits.append)
