@@ -1,0 +1,81 @@
+"""Tiny random-weight checkpoints of each model family, built offline from transformers configs
+with the shipped tokenizer's vocabulary, and saved like a downloaded checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from moelora.paths import DATA_DIR
+
+TOKENIZER = DATA_DIR / "tokenizer"
+CUSTOM_CODE = Path(__file__).parent / "data" / "custom_code_model"
+# 2 layers of width 64; head_dim is set because several families default it to 128 or 256.
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
+def tiny_config(model_type: str, **changes) -> PretrainedConfig:
+    """The family's own config class at the tiny shape, with the shipped tokenizer's ids."""
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**SHAPE, **changes},
+    )
+
+
+def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+
+
+def save_tiny_checkpoint(model_type: str, folder: Path, seed: int = 0) -> Path:
+    """A save_pretrained folder (config, weights, tokenizer) that loads like a real checkpoint."""
+    tiny_model(model_type, seed).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def save_custom_code_checkpoint(folder: Path) -> Path:
+    """A checkpoint whose classes live in its own Python files (config.json's auto_map), as
+    ChatGLM-6B's do: model_type `chatglm` and ChatGLM's Linear names, built offline."""
+    shutil.copytree(CUSTOM_CODE, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    config = {
+        "model_type": "chatglm",
+        "architectures": ["ToyChatGLMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_toy_chatglm.ToyChatGLMConfig",
+            "AutoModelForCausalLM": "modeling_toy_chatglm.ToyChatGLMForCausalLM",
+        },
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(loaded, trust_remote_code=True).save_pretrained(folder)
+    return folder
