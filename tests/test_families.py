@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -26,9 +25,15 @@ from moelora.adapters import (
     save_adapter,
 )
 from moelora.adapters.families import FAMILIES
-from tests.conftest import REPO, compose_config
-from tests.test_config import METHODS, in_process
-from tests.tiny_families import save_custom_code_checkpoint, save_tiny_checkpoint, tiny_model
+from tests.conftest import REPO
+from tests.test_config import in_process
+from tests.tiny_families import (
+    METHODS,
+    method_presets,
+    save_custom_code_checkpoint,
+    save_tiny_checkpoint,
+    tiny_model,
+)
 
 FAMILY_TYPES = sorted(FAMILIES)
 NUM_TASKS, NUM_DOMAINS = 3, 2
@@ -46,12 +51,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def presets() -> dict[str, AdapterConfig]:
-    """Each shipped method preset (configs/method/), dropout off so outputs are deterministic."""
-    composed = {}
-    for method in METHODS:
-        node = compose_config("train", [f"method={method}", "method.dropout=0"]).method
-        composed[method] = AdapterConfig.coerce(OmegaConf.to_container(node, resolve=True))
-    return composed
+    return method_presets()
 
 
 def role_of(model: nn.Module, path: str) -> str | None:

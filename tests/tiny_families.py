@@ -3,6 +3,7 @@ with the shipped tokenizer's vocabulary, and saved like a downloaded checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from moelora.paths import DATA_DIR
+from moelora.adapters import AdapterConfig
+from moelora.paths import CONFIG_DIR, DATA_DIR
 
 TOKENIZER = DATA_DIR / "tokenizer"
 CUSTOM_CODE = Path(__file__).parent / "data" / "custom_code_model"
@@ -30,6 +32,23 @@ SHAPE = dict(
     head_dim=16,
     max_position_embeddings=256,
 )
+
+
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+
+
+@functools.cache
+def method_presets() -> dict[str, AdapterConfig]:
+    """Each shipped method preset (configs/method/), dropout off so outputs are deterministic."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+
+    composed = {}
+    for method in METHODS:
+        node = compose_config("train", [f"method={method}", "method.dropout=0"]).method
+        composed[method] = AdapterConfig.coerce(OmegaConf.to_container(node, resolve=True))
+    return composed
 
 
 def tiny_config(model_type: str, **changes) -> PretrainedConfig:
