@@ -25,6 +25,9 @@ from moelora.adapters import (
     save_adapter,
 )
 from moelora.adapters.families import FAMILIES
+from moelora.config import ModelConfig
+from moelora.errors import UserError
+from moelora.modeling import load_tokenizer
 from tests.conftest import REPO
 from tests.test_config import in_process
 from tests.tiny_families import (
@@ -255,6 +258,19 @@ def test_custom_code_needs_trust_remote_code_then_target_names(
     last = trusted.stderr.strip().splitlines()[-1]
     assert "not for 'chatglm'; set method.target_modules to this model's Linear names" in last
     assert "['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'lm_head', 'query_key_value']" in last
+
+
+def test_a_custom_code_tokenizer_needs_trust_remote_code(custom_code_checkpoint: Path) -> None:
+    settings = ModelConfig(name="chatglm", name_or_path=str(custom_code_checkpoint))
+    with pytest.raises(UserError) as refused:
+        load_tokenizer(settings)
+    assert str(refused.value) == (
+        f"model.name_or_path={custom_code_checkpoint} needs its own Python code for the "
+        "tokenizer (its config names classes that transformers does not have); set "
+        "model.trust_remote_code=true to run that code, if you trust its source."
+    )
+    settings.trust_remote_code = True
+    assert type(load_tokenizer(settings)).__name__ == "ToyChatGLMTokenizer"
 
 
 @pytest.mark.slow

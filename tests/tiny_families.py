@@ -77,8 +77,9 @@ def save_tiny_checkpoint(model_type: str, folder: Path, seed: int = 0) -> Path:
 
 
 def save_custom_code_checkpoint(folder: Path) -> Path:
-    """A checkpoint whose classes live in its own Python files (config.json's auto_map), as
-    ChatGLM-6B's do: model_type `chatglm` and ChatGLM's Linear names, built offline."""
+    """A checkpoint whose classes live in its own Python files (the auto_map of config.json and
+    tokenizer_config.json), as ChatGLM-6B's do: model_type `chatglm` and ChatGLM's Linear
+    names, built offline."""
     shutil.copytree(CUSTOM_CODE, folder, ignore=shutil.ignore_patterns("__pycache__"))
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     config = {
@@ -97,4 +98,11 @@ def save_custom_code_checkpoint(folder: Path) -> Path:
     loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(loaded, trust_remote_code=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "ToyChatGLMTokenizer"
+    tokenizer_config["auto_map"] = {
+        "AutoTokenizer": ["tokenization_toy_chatglm.ToyChatGLMTokenizer", None]
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
