@@ -32,7 +32,9 @@ from tests.conftest import REPO
 from tests.test_config import in_process
 from tests.tiny_families import (
     METHODS,
+    expected_targets,
     method_presets,
+    role_of,
     save_custom_code_checkpoint,
     save_tiny_checkpoint,
     tiny_model,
@@ -55,27 +57,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def presets() -> dict[str, AdapterConfig]:
     return method_presets()
-
-
-def role_of(model: nn.Module, path: str) -> str | None:
-    """The role a Linear plays, from the class of the block that holds it (LlamaAttention,
-    Phi3MLP, GlmMLP, ...): independent of moelora's table."""
-    holder = type(model.get_submodule(path.rpartition(".")[0])).__name__
-    return (
-        "attention" if holder.endswith("Attention") else "mlp" if holder.endswith("MLP") else None
-    )
-
-
-def expected_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
-    """Path -> dense, for the Linears whose role the preset names (dense_targets first)."""
-    dense_roles = set(getattr(config, "dense_targets", []))
-    expected = {}
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Linear) and role_of(model, path) is not None:
-            role = role_of(model, path)
-            if role in dense_roles or role in config.target_modules:
-                expected[path] = role in dense_roles
-    return expected
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)

@@ -13,8 +13,7 @@ from moelora.adapters.families import FAMILIES
 from moelora.config import TrainConfig
 from moelora.paths import CONFIG_DIR
 from tests.conftest import compose_config
-from tests.test_families import expected_targets
-from tests.tiny_families import method_presets, tiny_model
+from tests.tiny_families import expected_targets, method_presets, tiny_model
 
 # Each preset and the model_type of its checkpoint's config.json (as the hub serves it).
 PRESET_TYPES = {

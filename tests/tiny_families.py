@@ -1,5 +1,6 @@
 """Tiny random-weight checkpoints of each model family, built offline from transformers configs
-with the shipped tokenizer's vocabulary, and saved like a downloaded checkpoint."""
+with the shipped tokenizer's vocabulary and saved like a downloaded checkpoint; the shipped
+method presets; and which Linears a preset should adapt, read from the module tree."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -49,6 +51,25 @@ def method_presets() -> dict[str, AdapterConfig]:
         node = compose_config("train", [f"method={method}", "method.dropout=0"]).method
         composed[method] = AdapterConfig.coerce(OmegaConf.to_container(node, resolve=True))
     return composed
+
+
+def role_of(model: nn.Module, path: str) -> str | None:
+    """The role a Linear plays, from the class of the block that holds it (LlamaAttention,
+    Phi3MLP, GlmMLP, ...): independent of moelora's table."""
+    holder = type(model.get_submodule(path.rpartition(".")[0])).__name__
+    roles = {"Attention": "attention", "MLP": "mlp"}
+    return next((role for end, role in roles.items() if holder.endswith(end)), None)
+
+
+def expected_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
+    """Path -> dense, for the Linears whose role the preset names (dense_targets first)."""
+    dense_roles = set(getattr(config, "dense_targets", []))
+    expected = {}
+    for path, module in model.named_modules():
+        role = role_of(model, path) if isinstance(module, nn.Linear) else None
+        if role is not None and (role in dense_roles or role in config.target_modules):
+            expected[path] = role in dense_roles
+    return expected
 
 
 def tiny_config(model_type: str, **changes) -> PretrainedConfig:
