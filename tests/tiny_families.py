@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,18 @@ SHAPE = dict(
     head_dim=16,
     max_position_embeddings=256,
 )
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy CPU their synchronisation
+    makes each step many times slower (as in tests/adapters/conftest.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))

@@ -3,8 +3,8 @@ config's `model_type`, so that the method presets' roles `attention` and `mlp` (
 method.target_modules and method.dense_targets) adapt the same parts of every family: Llama's
 q/k/v/o and gate/up/down, Phi-3's fused qkv_proj and gate_up_proj, GLM's fused gate_up_proj.
 
-Every family here is trained, exported and reloaded by tests/test_families.py on a tiny
-random-weight checkpoint. A model type not listed takes explicit Linear names instead.
+Every family here is trained, exported and reloaded on a tiny random-weight checkpoint
+(tests/test_families.py, tests/test_family_runs.py). Other model types take Linear names.
 """
 
 from __future__ import annotations
