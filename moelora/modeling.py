@@ -30,9 +30,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _load_error(what: str, name: str, key: str, err: BaseException) -> str:
-    """Why a model or tokenizer did not load: a local path that is a file, a local folder
-    whose files are damaged or missing (with the library's own first line), or a hub name that
-    could not be fetched."""
+    """Why a model or tokenizer did not load: code of its own that needs trust_remote_code, a
+    local path that is a file, a local folder whose files are damaged or missing (with the
+    library's own first line), or a hub name that could not be fetched."""
+    if "trust_remote_code" in str(err):
+        return (
+            f"{key}={name} needs its own Python code for the {what} (its config names classes "
+            f"that transformers does not have); set model.trust_remote_code=true to run that "
+            f"code, if you trust its source."
+        )
     path = Path(name)
     if path.is_file():
         return f"{key}={name} is a file; point it at the folder that holds the {what}."
@@ -121,6 +127,8 @@ def _load(
     except io_errors() as err:  # OSError, or safetensors' error on an empty or cut file
         raise UserError(_load_error("model", name, "model.name_or_path", err)) from None
     except ValueError as err:  # e.g. custom code without model.trust_remote_code=true
+        if "trust_remote_code" in str(err):
+            raise UserError(_load_error("model", name, "model.name_or_path", err)) from None
         raise UserError(f"could not load model '{name}': {err}") from None
     if quantization:  # norms and embeddings in fp32, every base weight frozen (PEFT's recipe)
         from peft import prepare_model_for_kbit_training  # imports bitsandbytes: only here

@@ -27,7 +27,7 @@ SHAPE_FIELDS = (
     "universal_rank",
     "domain_rank",
 )
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = ["attention", "mlp"]  # roles: each family's projections (families.py)
 
 
 def fail(text: str) -> NoReturn:
@@ -51,8 +51,9 @@ class AdapterConfig:
     name: str = setting("The method; picks the schema and code (adapters/methods/).", "")
     target_modules: list[str] = setting(
         "Linear names to adapt, matched as a suffix of the module path (`q_proj` hits "
-        "`model.layers.0.self_attn.q_proj`).",
-        factory=lambda: list(LLAMA_TARGETS),
+        "`model.layers.0.self_attn.q_proj`), or the roles `attention` and `mlp`: the model "
+        "family's projections (moelora/adapters/families.py).",
+        factory=lambda: list(DEFAULT_TARGETS),
     )
     target_regex: str | None = setting(
         "When set, replaces target_modules: a regex that must fully match the module path.", None

@@ -8,10 +8,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from moelora.adapters.config import AdapterConfig
+from moelora.adapters.families import resolve_roles
 from moelora.adapters.gates import UnitGate
 from moelora.adapters.layer import GatedLoRALinear, linear_dims
 from moelora.adapters.methods import LayerParts, method_of
 from moelora.adapters.routing import Routing
+from moelora.log import get_logger
+
+log = get_logger(__name__)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -23,13 +27,19 @@ def _suffix_match(name: str, targets: list[str]) -> bool:
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
-    """Map each targeted Linear's path to whether it is a dense (plain LoRA) target.
+    """Map each targeted Linear's path to whether it is a dense (plain LoRA) target. The roles
+    `attention` and `mlp` among the names stand for the model family's projections
+    (moelora/adapters/families.py, by `model.config.model_type`).
 
     Raises:
-        ValueError: nothing matched; the message lists the model's Linear names.
+        ValueError: a role on an unknown model type, or nothing matched; the message lists the
+            model's Linear names.
     """
     linears = [name for name, module in model.named_modules() if is_linear(module)]
-    dense = list(getattr(config, "dense_targets", []))  # methods with equal experts have them
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    names = _target_names(model, config, leaves)
+    _warn_unmatched(names, linears, leaves)
+    dense, targets = names["method.dense_targets"], names.get("method.target_modules", [])
     found: dict[str, bool] = {}
     for name in linears:
         if _suffix_match(name, dense):
@@ -37,17 +47,37 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
         elif config.target_regex:
             if re.fullmatch(config.target_regex, name):
                 found[name] = False
-        elif _suffix_match(name, config.target_modules):
+        elif _suffix_match(name, targets):
             found[name] = False
     if not found:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ValueError(
-            f"method.target_modules={list(config.target_modules)} (target_regex="
-            f"{config.target_regex!r}, dense_targets={dense}) matched no "
-            f"Linear of {type(model).__name__}; its Linear names are {leaves} "
-            f"(full paths like {linears[:2]}): set method.target_modules to some of them."
+            f"method.target_modules={targets} (target_regex={config.target_regex!r}, "
+            f"dense_targets={dense}) matched no Linear of {type(model).__name__}; its Linear "
+            f"names are {leaves} (full paths like {linears[:2]}): set method.target_modules to "
+            f"some of them."
         )
     return found
+
+
+def _target_names(model: nn.Module, config: AdapterConfig, leaves: list[str]) -> dict:
+    """The config fields' Linear names, roles resolved for the model's family."""
+    fields = {"method.dense_targets": list(getattr(config, "dense_targets", []))}
+    if not config.target_regex:  # a regex replaces target_modules
+        fields["method.target_modules"] = list(config.target_modules)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return resolve_roles(fields, model_type, leaves)
+
+
+def _warn_unmatched(names: dict[str, list[str]], linears: list[str], leaves: list[str]) -> None:
+    """A name that no Linear has is most often another family's (gate_proj where GLM has one
+    fused gate_up_proj): the run would train without that projection, so say so."""
+    for key, wanted in names.items():
+        missing = [t for t in wanted if not any(_suffix_match(n, [t]) for n in linears)]
+        if missing:
+            log.warning(
+                f"{key} names {missing}, which no Linear of this model has (its Linear names: "
+                f"{leaves}); those are left out."
+            )
 
 
 def build_layer(

@@ -17,7 +17,9 @@ from moelora.adapters import (
     build_layer,
 )
 from tests.adapters.adapter_cases import (
+    ATTENTION,
     CASES,
+    MLP,
     NUM_DOMAINS,
     NUM_TASKS,
     adapted,
@@ -176,9 +178,7 @@ def copy_into_peft(ours: AdaptedModel, peft_model) -> None:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lora_model_equals_get_peft_model(family):
     build = tiny_llama if family == "llama" else tiny_gpt2
-    targets = (
-        ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else make_config("lora").target_modules
-    )
+    targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else ATTENTION + MLP
     ours = adapted("lora", base=build(), target_modules=targets, alpha=16)
     peft_config = LoraConfig(
         r=4,
