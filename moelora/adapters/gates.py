@@ -1,7 +1,8 @@
 """The gates: the only per-method code. Each maps (x, routing) to weights over a layer's experts.
 
 A gate returns g of shape (..., E) that broadcasts over x's leading dims: (E,) for a constant gate,
-(batch, 1, E) for a per-row gate, (batch, seq, E) for a token router. `static` says whether g is
+(batch, 1, E) for a per-row gate, (batch, seq, E) for a token router; always in fp32, its logits,
+softmax and top-k too, under any autocast (`moelora.adapters.precision`). `static` says whether g is
 fixed once the row's task/domain is known, i.e. whether the layer can be merged into W.
 """
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora.adapters.losses import importance_losses, load_balance_losses, token_weight
+from moelora.adapters.precision import fp32_linear
 from moelora.adapters.routing import Routing, RoutingState, expand_rows
 
 
@@ -30,7 +32,7 @@ class UnitGate(nn.Module):
     static = True
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        return x.new_ones(1)
+        return x.new_ones(1, dtype=torch.float32)
 
 
 class TaskGate(nn.Module):
@@ -55,7 +57,7 @@ class TaskGate(nn.Module):
             present = (task_ids >= 0).unsqueeze(-1).to(self.embedding.weight.dtype)
             total = (self.embedding(task_ids.clamp(min=0)) * present).sum(1)
             e = total / present.sum(1).clamp(min=1)
-        return self.proj(e).softmax(-1)
+        return fp32_linear(self.proj, e).softmax(-1)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         state = routing.state
@@ -93,7 +95,7 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.proj(x.to(self.proj.weight.dtype)).float()
+        return fp32_linear(self.proj, x)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         return self.route(self.logits(x), routing.state, routing.state.mask_for(x))

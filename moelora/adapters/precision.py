@@ -1,0 +1,36 @@
+"""What computes in fp32 under mixed precision, whatever the autocast around the forward.
+
+Under `hardware.mixed_precision=bf16|fp16` accelerate runs the forward inside `torch.autocast`,
+which would compute every Linear, and so a gate's logits, in half precision. Routing decisions
+(softmax, top-k) and the aux losses are small and sensitive: a bf16 logit has 3 significant
+digits, enough to flip a top-k near a tie and to bias a load-balancing loss. So gates and routers
+compute their logits, softmax and top-k in fp32, and the aux losses are reduced in fp32. The
+experts' fused product itself follows the autocast (fp32 weights, half-precision matmuls), as
+PEFT's LoRA layers do with `autocast_adapter_dtype=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def autocast_off(device: torch.device) -> Iterator[None]:
+    """No autocast on `device` inside the block (a no-op where the device has none)."""
+    if not torch.amp.is_autocast_available(device.type):
+        yield
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def fp32_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+    """`linear(x)` in fp32 under any autocast: x is cast to the weights' dtype (fp32 unless an
+    engine such as DeepSpeed's bf16 mode cast them) and the result to fp32. The module itself is
+    called, so ZeRO-3's hooks gather its weights."""
+    with autocast_off(x.device):
+        return linear(x.to(linear.weight.dtype)).float()
