@@ -23,6 +23,8 @@ from moelora.cli import main
 from tests.adapters.adapter_cases import CASES, adapted, batch, tiny_llama
 from tests.conftest import TINY_SHAPE
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HALF = [torch.bfloat16, torch.float16]
 # adapter_cases' table, plus MoDULA routing each row from its prompt (the prompt's mean input)
 VARIANTS = {case: (case, {}) for case in CASES} | {
@@ -34,15 +36,6 @@ VARIANTS = {case: (case, {}) for case in CASES} | {
 # the tiny model): another valid routing, not lost precision. What top-k routing needs from the
 # precision, fp32 logits, softmax and top-k, is checked exactly by the first test.
 DENSE = {"molora": {"top_k": 4}, "contrastive": {"top_k": 4}, "modula": {"router_top_k": None}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (see tests/adapters/conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def half_model(variant: str, dtype: torch.dtype, **overrides):
