@@ -100,11 +100,10 @@ def generate_answers(
 def _decode(tokenizer: PreTrainedTokenizerBase, new: torch.Tensor, stops: list[int]) -> list[str]:
     """Each row's answer: its new tokens up to the first stop token (what follows is padding),
     decoded without special tokens and stripped."""
-    answers = []
+    rows = []
     for row in new.tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), len(row))
-        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-    return answers
+        rows.append(row[: next((i for i, token in enumerate(row) if token in stops), len(row))])
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 UNFOLDED = object()  # the key of a batch that generates through the adapter, unfolded
