@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora.adapters.losses import importance_losses, load_balance_losses, token_weight
-from moelora.adapters.precision import fp32_linear
+from moelora.adapters.precision import Fp32Linear
 from moelora.adapters.routing import Routing, RoutingState, expand_rows
 
 
@@ -48,7 +48,7 @@ class TaskGate(nn.Module):
     def __init__(self, num_tasks: int, num_experts: int, embedding_dim: int = 64) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_tasks, embedding_dim)
-        self.proj = nn.Linear(embedding_dim, num_experts, bias=False)
+        self.proj = Fp32Linear(embedding_dim, num_experts, bias=False)
 
     def weights(self, task_ids: Tensor) -> Tensor:
         if task_ids.dim() == 1:
@@ -57,7 +57,7 @@ class TaskGate(nn.Module):
             present = (task_ids >= 0).unsqueeze(-1).to(self.embedding.weight.dtype)
             total = (self.embedding(task_ids.clamp(min=0)) * present).sum(1)
             e = total / present.sum(1).clamp(min=1)
-        return fp32_linear(self.proj, e).softmax(-1)
+        return self.proj(e).softmax(-1)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         state = routing.state
@@ -91,11 +91,11 @@ class TopKRouter(nn.Module):
 
     def __init__(self, d_in: int, num_experts: int, top_k: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(d_in, num_experts)
+        self.proj = Fp32Linear(d_in, num_experts)
         self.top_k = top_k
 
     def logits(self, x: Tensor) -> Tensor:
-        return fp32_linear(self.proj, x)
+        return self.proj(x)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         return self.route(self.logits(x), routing.state, routing.state.mask_for(x))

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -28,9 +29,13 @@ def autocast_off(device: torch.device) -> Iterator[None]:
         yield
 
 
-def fp32_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """`linear(x)` in fp32 under any autocast: x is cast to the weights' dtype (fp32 unless an
-    engine such as DeepSpeed's bf16 mode cast them) and the result to fp32. The module itself is
-    called, so ZeRO-3's hooks gather its weights."""
-    with autocast_off(x.device):
-        return linear(x.to(linear.weight.dtype)).float()
+class Fp32Linear(nn.Linear):
+    """A gate's Linear: computes in fp32 whatever the autocast and whatever its weights' dtype
+    (DeepSpeed's bf16 mode casts every parameter, gates included, to bf16 and keeps fp32 master
+    weights in its optimizer). The weights are read in its own forward, where ZeRO-3 has
+    gathered them."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with autocast_off(x.device):
+            return F.linear(x.float(), self.weight.float(), bias)
