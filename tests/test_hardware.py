@@ -22,8 +22,15 @@ from moelora.launch import launch, launch_command, needs_launch
 from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import load_run
 from moelora.train.loop import load_train_config, train
-from tests.adapters.adapter_cases import CASES, NUM_DOMAINS, NUM_TASKS, make_config
+from tests.adapters.adapter_cases import (
+    CASES,
+    NUM_DOMAINS,
+    NUM_TASKS,
+    make_config,
+    randomize_adapters,
+)
 from tests.conftest import TINY_SHAPE, compose_config
+from tests.test_precision import DENSE
 
 PRESETS = ["cpu", "gpu", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "qlora_4bit"]
 
@@ -188,8 +195,8 @@ def adapt(nf4_bases, one_thread):
     the test (adapters wrap in place), so the next method starts from the same base."""
     wrapped = []
 
-    def wrap(base, case: str) -> AdaptedModel:
-        model = AdaptedModel(base, make_config(case), NUM_TASKS, NUM_DOMAINS)
+    def wrap(base, case: str, **fields) -> AdaptedModel:
+        model = AdaptedModel(base, make_config(case, **fields), NUM_TASKS, NUM_DOMAINS)
         wrapped.append(model)
         return model
 
@@ -236,6 +243,44 @@ def test_qlora_adapters_on_nf4_match_the_dequantized_model(
     ):
         if q.grad is not None:
             assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm() + 1e-12, name
+
+
+@pytest.fixture(scope="module")
+def bf16_nf4_base(tiny_setup):
+    """The same NF4 base computing in bf16, as `hardware=qlora_4bit` loads it on a GPU."""
+    cfg, tokenizer = tiny_setup
+    return load_base_model(cfg.model, tokenizer, cfg.cache_dir, True, "nf4", "cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_qlora_in_bf16_matches_fp32_within_the_stated_tolerance(
+    tiny_setup, nf4_bases, bf16_nf4_base, adapt, case
+) -> None:
+    """QLoRA as a GPU runs it (NF4 computing in bf16, the forward under bf16 autocast) against
+    the NF4 base computing in fp32, with the same adapters: tests/test_precision.py's
+    tolerances (loss relative 1e-3, gradients cosine >= 0.995 and relative norm <= 0.1; token
+    routers dense, for the reason given there)."""
+    dense = DENSE.get(case.removesuffix("_layer_gate"), {})
+    models = [adapt(base, case, **dense).train() for base in (nf4_bases[0], bf16_nf4_base)]
+    randomize_adapters(models[0])
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(*(m.named_adapter_parameters() for m in models), strict=True):
+            q.copy_(p)
+    batch = _nf4_batch(tiny_setup[1])
+    results = []
+    for model, dtype in zip(models, (torch.float32, torch.bfloat16), strict=True):
+        torch.manual_seed(0)  # the contrastive loss samples its tokens
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = [
+            p.grad.flatten() for _, p in model.named_adapter_parameters() if p.grad is not None
+        ]
+        results.append((loss.detach().float(), torch.cat(grads)))
+    (loss32, grads32), (loss16, grads16) = results
+    torch.testing.assert_close(loss16, loss32, rtol=1e-3, atol=0)
+    assert torch.cosine_similarity(grads16, grads32, dim=0) >= 0.995
+    assert (grads16 - grads32).norm() <= 0.1 * grads32.norm()
 
 
 def _base_tensors(model: AdaptedModel) -> dict[str, torch.Tensor]:
