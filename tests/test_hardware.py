@@ -24,13 +24,13 @@ from moelora.rundir import load_run
 from moelora.train.loop import load_train_config, train
 from tests.adapters.adapter_cases import (
     CASES,
+    DENSE_ROUTING,
     NUM_DOMAINS,
     NUM_TASKS,
     make_config,
     randomize_adapters,
 )
 from tests.conftest import TINY_SHAPE, compose_config
-from tests.test_precision import DENSE
 
 PRESETS = ["cpu", "gpu", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "qlora_4bit"]
 
@@ -260,7 +260,7 @@ def test_qlora_in_bf16_matches_fp32_within_the_stated_tolerance(
     the NF4 base computing in fp32, with the same adapters: tests/test_precision.py's
     tolerances (loss relative 1e-3, gradients cosine >= 0.995 and relative norm <= 0.1; token
     routers dense, for the reason given there)."""
-    dense = DENSE.get(case.removesuffix("_layer_gate"), {})
+    dense = DENSE_ROUTING.get(case, {})
     models = [adapt(base, case, **dense).train() for base in (nf4_bases[0], bf16_nf4_base)]
     randomize_adapters(models[0])
     with torch.no_grad():

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from moelora.adapters import RoutingState, TaskGate, TopKRouter
 from moelora.cli import main
-from tests.adapters.adapter_cases import CASES, adapted, batch, tiny_llama
+from tests.adapters.adapter_cases import CASES, DENSE_ROUTING, adapted, batch, tiny_llama
 from tests.conftest import TINY_SHAPE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,12 +30,6 @@ HALF = [torch.bfloat16, torch.float16]
 VARIANTS = {case: (case, {}) for case in CASES} | {
     "modula_prompt": ("modula", {"router_input": "prompt"})
 }
-# Token routers keep every expert in the gradient comparison: a hard top-k is discontinuous, and
-# a token whose k-th and (k+1)-th experts lie within bf16's rounding of each other picks the
-# other one, moving that expert's gradients by the token's whole share (cosine down to 0.85 on
-# the tiny model): another valid routing, not lost precision. What top-k routing needs from the
-# precision, fp32 logits, softmax and top-k, is checked exactly by the first test.
-DENSE = {"molora": {"top_k": 4}, "contrastive": {"top_k": 4}, "modula": {"router_top_k": None}}
 
 
 def half_model(variant: str, dtype: torch.dtype, **overrides):
@@ -101,7 +95,12 @@ def loss_and_gradients(model, dtype: torch.dtype | None, seed: int):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_half_precision_loss_and_gradients_match_fp32(variant: str, dtype: torch.dtype) -> None:
-    dense = DENSE.get(VARIANTS[variant][0], {})
+    """Token routers keep every expert here (`DENSE_ROUTING`): a hard top-k is discontinuous,
+    and a token whose k-th and (k+1)-th experts lie within bf16's rounding of each other picks
+    the other one, moving that expert's gradients by the token's whole share (cosine down to
+    0.85 on the tiny model): another valid routing, not lost precision. What top-k routing needs
+    from the precision, fp32 logits, softmax and top-k, is checked exactly by the first test."""
+    dense = DENSE_ROUTING.get(VARIANTS[variant][0], {})
     model = half_model(variant, dtype, **dense)
     # PEFT's arrangement (autocast_adapter_dtype): fp32 adapters on a half-precision base, so
     # the optimizer (and fp16's gradient scaler) steps fp32 weights.
