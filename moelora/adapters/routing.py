@@ -82,16 +82,15 @@ class RoutingState:
         mask = self.prompt_mask
         if mask is None or mask.shape[1] != x.shape[1]:
             return None
-        x = x.float()
         if self.segments is not None:  # sum each row's prompt tokens wherever they lie
-            rows, tokens = self.segments[mask], x[mask]
+            rows, tokens = self.segments[mask], x[mask].float()
             count = int(self.segments.max()) + 1
-            total = x.new_zeros(count, x.shape[-1]).index_add_(0, rows, tokens)
-            size = torch.bincount(rows, minlength=count).clamp(min=1).to(x.dtype)
+            total = tokens.new_zeros(count, x.shape[-1]).index_add_(0, rows, tokens)
+            size = torch.bincount(rows, minlength=count).clamp(min=1).float()
             return total / size[:, None]
         mask = expand_rows(mask, x.shape[0], "the prompt mask")  # beams
-        weight = mask.unsqueeze(-1).to(x.dtype)
-        return (x * weight).sum(1) / weight.sum(1).clamp(min=1)
+        weight = mask.unsqueeze(-1).to(x.dtype)  # x * 0 or 1 is exact; the sum runs in fp32
+        return (x * weight).sum(1, dtype=torch.float32) / weight.sum(1).float().clamp(min=1)
 
     def record(self, name: str, loss: Tensor) -> None:
         if self.collect_aux:
