@@ -120,6 +120,30 @@ def test_half_precision_loss_and_gradients_match_fp32(variant: str, dtype: torch
         assert (grads - grads32).norm() <= 0.1 * grads32.norm()
 
 
+# DeepSpeed's bf16 mode casts the gates' weights to bf16 too: their logits are still the fp32
+# product of those weights and the (bf16) input, within fp32's rounding, not bf16's (1e-2).
+def test_router_logits_are_fp32_products_even_of_bf16_router_weights() -> None:
+    torch.manual_seed(0)
+    router = TopKRouter(64, 4, 2).to(torch.bfloat16)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    expected = x.double() @ router.proj.weight.double().T + router.proj.bias.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router.logits(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_task_gate_weights_are_fp32_even_of_bf16_gate_weights() -> None:
+    torch.manual_seed(0)
+    gate = TaskGate(3, 4, embedding_dim=64).to(torch.bfloat16)
+    ids = torch.tensor([0, 2])
+    expected = (gate.embedding(ids).double() @ gate.proj.weight.double().T).softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = gate.weights(ids)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_a_bf16_base_trains_and_scores_end_to_end(tmp_path) -> None:
     """`model.dtype=bfloat16` on the CPU (where mixed precision is off): bf16 base weights, fp32
@@ -145,28 +169,3 @@ def test_a_bf16_base_trains_and_scores_end_to_end(tmp_path) -> None:
     assert len(losses) == 3 and losses[-1] < losses[0]
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert saved and {tensor.dtype for tensor in saved.values()} == {torch.float32}
-
-
-@pytest.mark.parametrize("gate", ["router", "task"])
-def test_gate_logits_are_fp32_products_even_of_bf16_gate_weights(gate: str) -> None:
-    """DeepSpeed's bf16 mode casts the gates' weights to bf16 too: their logits are still the
-    fp32 product of those weights and the (bf16) input, within fp32's rounding, not bf16's."""
-    torch.manual_seed(0)
-    if gate == "router":
-        module = TopKRouter(64, 4, 2).to(torch.bfloat16)
-        x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
-        compute = module.logits
-    else:
-        module = TaskGate(3, 4, embedding_dim=64).to(torch.bfloat16)
-        x = module.embedding(torch.tensor([0, 2]))
-        compute = module.weights
-    proj = module.proj
-    expected = x.double() @ proj.weight.double().T
-    if proj.bias is not None:
-        expected = expected + proj.bias.double()
-    if gate == "task":
-        x, expected = torch.tensor([0, 2]), expected.softmax(-1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        found = compute(x)
-    assert found.dtype == torch.float32
-    torch.testing.assert_close(found.double(), expected, rtol=1e-5, atol=1e-6)
