@@ -134,7 +134,24 @@ def _load(
         from peft import prepare_model_for_kbit_training  # imports bitsandbytes: only here
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_differentiable(model)
     return model
+
+
+def keep_4bit_differentiable(model: PreTrainedModel) -> None:
+    """Keep every 4-bit layer in the layout that training differentiates through.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` at its first eval-mode forward
+    without gradients (scoring before training, the eval loss) into an inference layout: scales
+    rounded to bf16 (0.3% off the NF4 weights) and a kernel without autograd, so every later
+    training step silently passes no gradient through the base layer to the layers below. A
+    QLoRA base is trained and scored as trained, so that repacking is turned off (GPUs never
+    repack)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -63,3 +64,13 @@ def compose_config(name: str, overrides: list[str], run_dir: Path | None = None)
 @pytest.fixture
 def toy_dir() -> Path:
     return PROMPTCBLUE_TOY
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CPU the threads'
+    synchronisation makes each forward many times slower (tests/adapters does this for all)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,8 @@
 """The gates: the only per-method code. Each maps (x, routing) to weights over a layer's experts.
 
 A gate returns g of shape (..., E) that broadcasts over x's leading dims: (E,) for a constant gate,
-(batch, 1, E) for a per-row gate, (batch, seq, E) for a token router. `static` says whether g is
+(batch, 1, E) for a per-row gate, (batch, seq, E) for a token router; always in fp32, its logits,
+softmax and top-k too, under any autocast (`moelora.adapters.precision`). `static` says whether g is
 fixed once the row's task/domain is known, i.e. whether the layer can be merged into W.
 """
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora.adapters.losses import importance_losses, load_balance_losses, token_weight
+from moelora.adapters.precision import Fp32Linear
 from moelora.adapters.routing import Routing, RoutingState, expand_rows
 
 
@@ -30,7 +32,7 @@ class UnitGate(nn.Module):
     static = True
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        return x.new_ones(1)
+        return x.new_ones(1, dtype=torch.float32)
 
 
 class TaskGate(nn.Module):
@@ -46,7 +48,7 @@ class TaskGate(nn.Module):
     def __init__(self, num_tasks: int, num_experts: int, embedding_dim: int = 64) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_tasks, embedding_dim)
-        self.proj = nn.Linear(embedding_dim, num_experts, bias=False)
+        self.proj = Fp32Linear(embedding_dim, num_experts, bias=False)
 
     def weights(self, task_ids: Tensor) -> Tensor:
         if task_ids.dim() == 1:
@@ -89,11 +91,11 @@ class TopKRouter(nn.Module):
 
     def __init__(self, d_in: int, num_experts: int, top_k: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(d_in, num_experts)
+        self.proj = Fp32Linear(d_in, num_experts)
         self.top_k = top_k
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.proj(x.to(self.proj.weight.dtype)).float()
+        return self.proj(x)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         return self.route(self.logits(x), routing.state, routing.state.mask_for(x))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelora.adapters.precision import autocast_off
 from moelora.adapters.routing import RoutingState
 
 
@@ -153,6 +154,7 @@ class ExpertContrastive(nn.Module):
     ) -> None:
         tokens = state.sample_tokens(x, self.max_tokens)
         gate = g.detach().reshape(-1, self.num_experts)[tokens]  # only its top k are used
-        gram = b.float().T @ b.float()  # here, while ZeRO-3 has B gathered
+        with autocast_off(b.device):  # here, while ZeRO-3 has B gathered
+            gram = b.float().T @ b.float()
         losses = partial(routed_contrastive_losses, top_k=self.top_k, tau=self.tau)
         state.record_batched("contrastive", losses, rank_outputs(tokens), gate, gram)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from moelora.adapters.precision import autocast_off
+
 
 def expand_rows(values: Tensor, batch: int, what: str) -> Tensor:
     """Repeat per-row values to `batch` rows the way `generate()` expands beams (interleaved)."""
@@ -75,20 +77,20 @@ class RoutingState:
         return mask if mask is not None and mask.shape == x.shape[:-1] else None
 
     def prompt_mean(self, x: Tensor) -> Tensor | None:
-        """The mean of x (batch, seq, d) over each row's prompt tokens, (rows, d), or None when
-        x is not the whole prompt (a cached decoding step)."""
+        """The mean of x (batch, seq, d) over each row's prompt tokens, (rows, d), in fp32 (a
+        router's input), or None when x is not the whole prompt (a cached decoding step)."""
         mask = self.prompt_mask
         if mask is None or mask.shape[1] != x.shape[1]:
             return None
         if self.segments is not None:  # sum each row's prompt tokens wherever they lie
-            rows, tokens = self.segments[mask], x[mask]
+            rows, tokens = self.segments[mask], x[mask].float()
             count = int(self.segments.max()) + 1
-            total = x.new_zeros(count, x.shape[-1]).index_add_(0, rows, tokens)
-            size = torch.bincount(rows, minlength=count).clamp(min=1).to(x.dtype)
+            total = tokens.new_zeros(count, x.shape[-1]).index_add_(0, rows, tokens)
+            size = torch.bincount(rows, minlength=count).clamp(min=1).float()
             return total / size[:, None]
         mask = expand_rows(mask, x.shape[0], "the prompt mask")  # beams
-        weight = mask.unsqueeze(-1).to(x.dtype)
-        return (x * weight).sum(1) / weight.sum(1).clamp(min=1)
+        weight = mask.unsqueeze(-1).to(x.dtype)  # x * 0 or 1 is exact; the sum runs in fp32
+        return (x * weight).sum(1, dtype=torch.float32) / weight.sum(1).float().clamp(min=1)
 
     def record(self, name: str, loss: Tensor) -> None:
         if self.collect_aux:
@@ -102,11 +104,13 @@ class RoutingState:
             self.batched.setdefault(name, (losses, []))[1].append(inputs)
 
     def aux_losses(self) -> dict[str, Tensor]:
-        """Each recorded aux loss, averaged over the layers that recorded it."""
-        found = {name: torch.stack(values).mean() for name, values in self.aux.items()}
+        """Each recorded aux loss, averaged over the layers that recorded it; the batched ones
+        computed in fp32 whatever the autocast."""
+        found = {name: torch.stack(values).float().mean() for name, values in self.aux.items()}
         for name, (losses, inputs) in self.batched.items():
             stacked = [torch.stack(values) for values in zip(*inputs, strict=True)]
-            found[name] = losses(*stacked).mean()
+            with autocast_off(stacked[0].device):
+                found[name] = losses(*stacked).mean()
         return found
 
     def sample_tokens(self, x: Tensor, max_tokens: int) -> Tensor:

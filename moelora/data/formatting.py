@@ -41,11 +41,50 @@ class LengthReport:
         return out
 
 
+_ANSWER = "MOELORA-ANSWER"  # stands for the answer when the chat template renders a turn
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the chat template closes an assistant turn with (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>): the first token the template writes after the answer,
+    when that is a special or added token. The tokenizer's eos when there is no template, or
+    when the template closes a turn with plain text or nothing."""
+    eos = tokenizer.eos_token_id
+    if not has_chat_template(tokenizer):
+        return eos
+    turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _ANSWER}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    after = text[text.index(_ANSWER) + len(_ANSWER) :] if _ANSWER in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    control = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return ids[0] if ids and ids[0] in control else eos
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | list | None) -> list:
+    """Every token that ends an answer in generation: the end of a chat turn, the tokenizer's
+    eos, and the base model's own `generation_config.eos_token_id` (one id or several)."""
+    extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id, *extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 class PromptFormatter:
-    """Builds prompt and answer token ids for one row."""
+    """Builds prompt and answer token ids for one row.
+
+    With a chat template (`data.template=auto` on a tokenizer that has one, or `chat`), the
+    prompt is exactly `apply_chat_template(messages, add_generation_prompt=True)`'s ids, the
+    messages being `data.system_prompt` (when set) and the row's input as the user's turn, and
+    the answer is the target's ids followed by the template's end-of-turn token
+    (`end_of_turn_id`), which generation stops at. Without one, the prompt is the tokenized
+    input (with the tokenizer's own special tokens) and the answer ends with eos.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
-        has_template = bool(getattr(tokenizer, "chat_template", None))
+        has_template = has_chat_template(tokenizer)
         if cfg.template == "chat" and not has_template:
             raise UserError(
                 "data.template=chat, but the tokenizer has no chat template; use plain."
@@ -53,6 +92,7 @@ class PromptFormatter:
         self.use_chat = cfg.template == "chat" or (cfg.template == "auto" and has_template)
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.end_id = end_of_turn_id(tokenizer) if self.use_chat else tokenizer.eos_token_id
 
     def prompt_ids(self, text: str) -> list[int]:
         if not self.use_chat:
@@ -60,14 +100,14 @@ class PromptFormatter:
         messages = [{"role": "user", "content": text}]
         if self.cfg.system_prompt:
             messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-        prompt = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def answer_ids(self, text: str) -> list[int]:
+        """The target's ids and the token that ends the answer: what the loss covers."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids + [self.tokenizer.eos_token_id]
+        return ids + [self.end_id]
 
     def fit_prompt(self, text: str, limit: int | None = None) -> tuple[list[int], bool]:
         """The prompt's ids, cutting the input's start when it is longer than `limit` (default

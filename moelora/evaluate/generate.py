@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from moelora.adapters import AdaptedModel
 from moelora.adapters.fold import fold_blocker, fold_key, folding, is_static
 from moelora.data.batching import pad
+from moelora.data.formatting import stop_token_ids
 from moelora.hardware import is_zero3
 from moelora.log import get_logger
 
@@ -33,7 +34,9 @@ def generate_answers(
     fold: bool = True,
 ) -> list[str]:
     """The decoded answer for each row, in order. Rows are sorted by prompt length so batches
-    pad little; an adapted model gets each row's task/domain ids, as in training.
+    pad little; an adapted model gets each row's task/domain ids, as in training. An answer
+    ends at the chat template's end-of-turn token, the tokenizer's eos or the base model's own
+    eos ids (`stop_token_ids`), whichever comes first.
 
     With `fold` and a static gate (lora, moelora, modula with a forced domain), the rows are
     grouped by what their gate depends on and each group generates with its adapter folded into
@@ -53,6 +56,8 @@ def generate_answers(
     answers: list[tuple[int, str]] = []
     device = accelerator.device
     folds = any(key is not UNFOLDED for key, _ in batches)
+    base = unwrapped.base_model if routed else unwrapped
+    stops = stop_token_ids(tokenizer, getattr(base.generation_config, "eos_token_id", None))
     with folding(unwrapped) if folds else nullcontext() as fold_into:
         folded_key = UNFOLDED
         for number, (key, batch) in enumerate(
@@ -81,17 +86,24 @@ def generate_answers(
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
                 synced_gpus=synced,
             )
             if number >= len(mine):
                 continue  # a repeat that only keeps the processes in step
-            texts = tokenizer.batch_decode(
-                output[:, input_ids.shape[1] :], skip_special_tokens=True
-            )
-            answers += [(i, text.strip()) for i, text in zip(batch, texts, strict=True)]
+            texts = _decode(tokenizer, output[:, input_ids.shape[1] :], stops)
+            answers += list(zip(batch, texts, strict=True))
     found = dict(gather_object(answers))
     return [found[i] for i in range(len(rows))]
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, new: torch.Tensor, stops: list[int]) -> list[str]:
+    """Each row's answer: its new tokens up to the first stop token (what follows is padding),
+    decoded without special tokens and stripped."""
+    rows = []
+    for row in new.tolist():
+        rows.append(row[: next((i for i, token in enumerate(row) if token in stops), len(row))])
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 UNFOLDED = object()  # the key of a batch that generates through the adapter, unfolded

@@ -34,6 +34,13 @@ CASES: dict[str, dict] = {
     "modula_res": dict(name="modula_res", universal_rank=4, domain_rank=2),
 }
 TOKEN_ROUTED = {"molora", "contrastive", "modula", "modula_res"}
+# Overrides that make a case's token routers keep every expert (no hard top-k): routing that is
+# continuous in the router's input, for comparisons across precisions (tests/test_precision.py).
+DENSE_ROUTING = {
+    "molora": {"top_k": 4},
+    "contrastive": {"top_k": 4},
+    "modula": {"router_top_k": None},
+}
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
