@@ -39,7 +39,7 @@ from moelora.data.batching import (
 )
 from moelora.data.formatting import IGNORE
 
-SHAPES = {"tiny": (256, 4), "mid": (512, 8)}  # hidden size, layers
+SHAPES = {"micro": (64, 2), "tiny": (256, 4), "mid": (512, 8)}  # hidden size, layers
 LAYOUTS = ("none", "grouped", "packed")
 
 

@@ -95,31 +95,31 @@ TINY_STEPS = (
         "Adapter training step",
         "bench_adapters.py",
         (*_TINY_MODEL, "--batch", "2", "--seq", "32", "--steps", "2", "--rounds", "1"),
-        60,
+        150,
     ),
     Step(
         "Packing",
         "bench_packing.py",
-        ("--batches", "2", "--batch", "4", "--rows", "64", "--pack-length", "128"),
-        60,
+        ("--shape", "micro", "--batches", "2", "--batch", "4", "--pack-length", "96"),
+        150,
     ),
     Step(
         "Decoding",
         "bench_decoding.py",
         (*_TINY_MODEL, "--prompts", "8", "--batch", "2", "--new-tokens", "4", "--rounds", "1"),
-        60,
+        150,
     ),
     Step(
         "Routed experts, one Linear",
         "bench_routed.py",
         ("--dim", "64", "--tokens", "64", "--experts", "4", "--top-k", "2", "--ranks", "4"),
-        60,
+        150,
     ),
     Step(
         "Hardware presets",
         "bench_hardware.py",
         ("--size", "tiny", "--presets", "gpu", "zero3", "qlora_4bit", "--steps", "6"),
-        120,
+        150,
     ),
 )
 STEPS = {"gpu": GPU_STEPS, "tiny": TINY_STEPS}
@@ -173,7 +173,8 @@ def run_step(step: Step, left: float, log) -> Outcome:
     outcome = Outcome(step, "ok", finished.seconds, bench_output(finished.stdout))
     if finished.returncode is None:
         outcome.status = "time limit"
-        outcome.error = f"stopped after {finished.seconds:.0f} s; " + error_line(finished)
+        last = finished.stderr.strip().splitlines()[-1:] or ["(none)"]
+        outcome.error = f"stopped after {finished.seconds:.0f} s; last stderr line: {last[0][:200]}"
     elif finished.returncode != 0:
         outcome.status, outcome.error = "failed", error_line(finished)
     if outcome.status != "ok":
@@ -218,7 +219,8 @@ def header(mode: str, budget: float) -> list[str]:
 
 def render(head: list[str], steps: tuple[Step, ...], outcomes: list[Outcome], took: float) -> str:
     """The markdown: the header, then a section per step (those not run yet say so)."""
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "time limit")}
+    statuses = ("ok", "failed", "time limit", "skipped")
+    counts = {s: sum(o.status == s for o in outcomes) for s in statuses}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
     lines = [*head, f"- took: {took:.0f} s; steps: {summary}, {len(steps)} in all", ""]
     for index, step in enumerate(steps):
