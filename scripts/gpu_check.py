@@ -183,6 +183,7 @@ def run_step(step: Step, left: float, log) -> Outcome:
 
 
 def versions() -> str:
+    """The libraries whose versions decide the speeds (and which the GPU image may lack)."""
     found = []
     for name in PACKAGES:
         try:
@@ -192,7 +193,7 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def device_line(mode: str) -> str:
+def device_line() -> str:
     if not torch.cuda.is_available():
         return "CPU (no GPU)"
     name = torch.cuda.get_device_name(0)
@@ -211,7 +212,7 @@ def header(mode: str, budget: float) -> list[str]:
         "",
         f"- mode: {what}",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- device: {device_line(mode)}",
+        f"- device: {device_line()}",
         f"- {versions()}",
         f"- budget: {budget:.0f} s for the steps",
     ]
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     budget, steps, out = args.budget or BUDGET[mode], STEPS[mode], Path(args.out)
     head, outcomes, start = header(mode, budget), [], time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(head, steps, outcomes, 0.0))
     with open(out.with_suffix(".log"), "w", encoding="utf-8") as log:
         for index, step in enumerate(steps):
             took = time.perf_counter() - start
