@@ -28,7 +28,11 @@ from process_tree import Finished, run_limited
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes")
+# What decides the speeds, and what the GPU image lacks or may hold in another version.
+PACKAGES = (
+    *("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes"),
+    *("datasets", "hydra-core", "huggingface-hub", "pyarrow", "fsspec"),
+)
 HARDWARE = ("--presets", "gpu", "zero2", "zero3", "qlora_4bit")
 
 
@@ -136,10 +140,13 @@ class Outcome:
     tail: str = ""  # the end of stderr, for a failed step
 
 
-def child_env() -> dict[str, str]:
+def child_env(mode: str) -> dict[str, str]:
     """The benches import moelora from this checkout (no install needed) and never reach for
-    the hub (the GPU machine has no network); output unbuffered, so a stopped step keeps it."""
+    the hub (the GPU machine has no network); output unbuffered, so a stopped step keeps it.
+    Tiny models on a CPU run one thread: two threads on a busy machine took 5x as long."""
     env = dict(os.environ)
+    if mode == "tiny":
+        env.setdefault("OMP_NUM_THREADS", "1")
     paths = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,12 +169,12 @@ def error_line(finished: Finished) -> str:
     return (marked or lines or ["(no output)"])[-1][:300]
 
 
-def run_step(step: Step, left: float, log) -> Outcome:
+def run_step(step: Step, left: float, mode: str, log) -> Outcome:
     """Run one bench for at most its limit or what is left of the budget."""
     if left < 15:
         return Outcome(step, "skipped", error=f"the check's budget ran out ({left:.0f} s left)")
     command = [sys.executable, str(SCRIPTS / step.script), *step.args]
-    finished = run_limited(command, min(step.limit, left), cwd=REPO, env=child_env())
+    finished = run_limited(command, min(step.limit, left), cwd=REPO, env=child_env(mode))
     log.write(f"\n===== {step.title}: {' '.join(command)}\n{finished.stderr}\n")
     log.flush()
     outcome = Outcome(step, "ok", finished.seconds, bench_output(finished.stdout))
@@ -183,7 +190,6 @@ def run_step(step: Step, left: float, log) -> Outcome:
 
 
 def versions() -> str:
-    """The libraries whose versions decide the speeds (and which the GPU image may lack)."""
     found = []
     for name in PACKAGES:
         try:
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, step in enumerate(steps):
             took = time.perf_counter() - start
             print(f"[{took:4.0f} s] {index + 1}/{len(steps)} {step.title} ...", flush=True)
-            outcome = run_step(step, budget - took, log)
+            outcome = run_step(step, budget - took, mode, log)
             outcomes.append(outcome)
             note = f": {outcome.error}" if outcome.error else ""
             print(f"         {outcome.status}, {outcome.seconds:.0f} s{note}", flush=True)

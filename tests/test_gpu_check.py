@@ -144,6 +144,11 @@ def test_a_failed_or_stuck_step_is_reported_and_the_check_goes_on(
     assert "ValueError" in out.with_suffix(".log").read_text()
 
 
+def markdown_tables(text: str) -> list[list[str]]:
+    """Each run of consecutive lines that start with '|'."""
+    return [block.splitlines() for block in re.findall(r"(?m)^(?:\|.*(?:\n|$))+", text)]
+
+
 @pytest.mark.slow
 def test_tiny_mode_writes_every_table_with_numbers(tmp_path: Path) -> None:
     out = tmp_path / "tiny.md"
@@ -168,7 +173,8 @@ def test_tiny_mode_writes_every_table_with_numbers(tmp_path: Path) -> None:
     assert len(sections) == len(headers)
     for section, header in zip(sections, headers, strict=True):
         assert header in section
-        rows = [line for line in section.splitlines() if line.startswith("| ")]
-        assert len(rows) >= 2 and all(re.search(r"\| [\d,.]+x? \|", row) for row in rows[1:])
+        for table in markdown_tables(section):
+            assert len(table) >= 3  # header, rule, at least one row
+            assert all(re.search(r"\| [\d,.]+(x|%)? \|", row) for row in table[2:]), table
     for preset in ("gpu", "zero3", "qlora_4bit"):
         assert re.search(rf"\| {preset} \| 1 \| [\d,]+ \| [\d,]+ \| [\d.]+x \|", text)
