@@ -6,6 +6,9 @@ Prints a markdown table (tokens/s, ratio to PEFT, peak memory where CUDA reports
 
     python scripts/bench_adapters.py                     # CPU-sized defaults
     python scripts/bench_adapters.py --hidden 2048 --layers 8 --batch 8 --seq 512 --device cuda
+    python scripts/bench_adapters.py --shape 0.5b --seq 512 --device cuda   # Qwen2.5-0.5B's shape
+
+With a GPU in mfu.py's table the MFU column is filled (the formula is in scripts/mfu.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import copy
 import time
 
 import torch
+from bench_shapes import QWEN2_5, bench_dtype, build_qwen, device_name
+from mfu import attention_width, flops_cells, matmul_weights, training_flops_per_token
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -45,9 +50,12 @@ METHODS: dict[str, dict] = {
 
 
 def build_base(args: argparse.Namespace) -> torch.nn.Module:
+    """Qwen2.5's shape `args.shape` if given, else a Llama of `args.hidden` x `args.layers`."""
+    if getattr(args, "shape", None) in QWEN2_5:
+        return build_qwen(args.shape, args.vocab)
     config = AutoConfig.for_model(
         "llama",
-        vocab_size=args.vocab,
+        vocab_size=args.vocab or 2000,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 2,
         num_hidden_layers=args.layers,
@@ -66,6 +74,7 @@ class Timed:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         self.times: list[float] = []
+        self.flops = 0.0  # training FLOPs per token (mfu.py)
 
     def steps(self, batch: dict, count: int, device: str, record: bool) -> None:
         self.model.train()
@@ -105,26 +114,22 @@ def measure(models: list[Timed], batch: dict, args: argparse.Namespace) -> dict[
     return peaks
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per model")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+def shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--shape, --vocab and --dtype, shared with bench_decoding.py."""
+    parser.add_argument("--shape", choices=list(QWEN2_5), help="Qwen2.5's shape, not --hidden")
+    parser.add_argument("--vocab", type=int, help="vocabulary (2000, or the --shape's own)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
 
+
+def vocab_size(args: argparse.Namespace) -> int:
+    """The vocabulary build_base gives the model."""
+    return args.vocab or (QWEN2_5[args.shape].vocab if args.shape in QWEN2_5 else 2000)
+
+
+def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[list[Timed], float]:
+    """PEFT's LoRA and every method on copies of one base, and their FLOPs per token."""
     base = build_base(args).to(dtype)
-    ids = torch.randint(args.vocab, (args.batch, args.seq), device=args.device)
-    batch = {"input_ids": ids, "labels": ids}
     task_ids = torch.arange(args.batch, device=args.device) % 4
-    tokens = args.batch * args.seq
-
     peft_model = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS),
@@ -135,20 +140,48 @@ def main() -> None:
         model = AdaptedModel(copy.deepcopy(base), cfg, num_tasks=4, num_domains=4).to(args.device)
         routed = {"task_ids": task_ids, "domain_ids": task_ids}
         models.append(Timed(label, _Bound(model, routed), model.num_trainable_parameters()))
-    peaks = measure(models, batch, args)
+    frozen, _ = matmul_weights(peft_model)
+    layers, width = base.config.num_hidden_layers, attention_width(base.config)
+    for timed in models:
+        timed.flops = training_flops_per_token(frozen, timed.params, layers, width, args.seq)
+    return models, frozen
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per model")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    shape_arguments(parser)
+    args = parser.parse_args()
+    dtype = bench_dtype(args.dtype, args.device)
+    ids = torch.randint(vocab_size(args), (args.batch, args.seq), device=args.device)
+    models, frozen = build_models(args, dtype)
+    peaks = measure(models, {"input_ids": ids, "labels": ids}, args)
+
+    name, tokens = device_name(args.device), args.batch * args.seq
+    shape = f"Qwen2.5-{args.shape} shape" if args.shape else f"hidden {args.hidden}"
     print(
-        f"\ndevice {args.device}, dtype {dtype}, hidden {args.hidden}, layers {args.layers}, "
-        f"batch {args.batch} x seq {args.seq}, median of {args.steps} steps in {args.rounds} "
-        "interleaved rounds\n"
+        f"\ndevice {args.device} ({name}), dtype {dtype}, {shape}, {frozen:,} frozen matmul "
+        f"weights, batch {args.batch} x seq {args.seq}, median of {args.steps} steps in "
+        f"{args.rounds} interleaved rounds; MFU per scripts/mfu.py\n"
     )
-    print("| adapter | trainable params | tokens/s | vs PEFT LoRA | peak GiB |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| adapter | trainable params | tokens/s | vs PEFT LoRA | model TFLOP/s | MFU | peak GiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     reference = models[0].seconds
     for timed in models:
+        speed = tokens / timed.seconds
+        flops = " | ".join(flops_cells(speed, timed.flops, name))
         print(
-            f"| {timed.label} | {timed.params:,} | {tokens / timed.seconds:,.0f} | "
-            f"{reference / timed.seconds:.2f}x | {peaks[timed.label]:.2f} |"
+            f"| {timed.label} | {timed.params:,} | {speed:,.0f} | "
+            f"{reference / timed.seconds:.2f}x | {flops} | {peaks[timed.label]:.2f} |"
         )
 
 

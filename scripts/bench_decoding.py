@@ -8,6 +8,7 @@ Prints a markdown table (median seconds, ratio to the bare base).
 
     python scripts/bench_decoding.py                       # CPU-sized defaults
     python scripts/bench_decoding.py --hidden 2048 --layers 16 --prompts 256 --device cuda
+    python scripts/bench_decoding.py --shape 0.5b --new-tokens 32 --device cuda  # Qwen2.5-0.5B
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from bench_adapters import build_base  # the same Llama-style base, from this folder
+from bench_adapters import build_base, shape_arguments, vocab_size  # the benches' base
+from bench_shapes import bench_dtype, device_name
 from datasets import Dataset
 
 from moelora.adapters import AdaptedModel, method_config
@@ -48,7 +50,8 @@ def prompts(args: argparse.Namespace) -> Dataset:
     group pads more than the base's length-sorted batches do, which would blur the comparison
     of the decoding paths (on a real dev set, with hundreds of rows per task, it is small)."""
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, args.vocab, (args.prompts, args.prompt_length), generator=generator)
+    shape = (args.prompts, args.prompt_length)
+    ids = torch.randint(1, vocab_size(args), shape, generator=generator)
     return Dataset.from_dict(
         {
             "prompt_ids": ids.tolist(),
@@ -62,7 +65,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2000)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tasks", type=int, default=4, help="tasks the prompts cycle through")
     parser.add_argument("--prompt-length", type=int, default=48)
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    shape_arguments(parser)
     args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = bench_dtype(args.dtype, args.device)
     accelerator = Accelerator(cpu=args.device == "cpu")
     rows, tokenizer = prompts(args), TokenIds()
     base = build_base(args).to(args.device, dtype).eval()
@@ -107,8 +110,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[label].append(time.perf_counter() - start)
 
+    shape = f"Qwen2.5-{args.shape} shape" if args.shape else f"hidden {args.hidden}"
     print(
-        f"\ndevice {args.device}, dtype {dtype}, hidden {args.hidden}, layers {args.layers}, "
+        f"\ndevice {args.device} ({device_name(args.device)}), dtype {dtype}, {shape}, "
+        f"layers {base.config.num_hidden_layers}, "
         f"{args.prompts} prompts of {args.prompt_length} tokens over "
         f"{args.tasks} tasks, batch {args.batch}, {args.new_tokens} new tokens, median of "
         f"{args.rounds} interleaved rounds\n"

@@ -14,6 +14,7 @@ peak memory (CUDA) or the largest batch tensor (CPU).
     python scripts/bench_packing.py                               # tiny shape, every method
     python scripts/bench_packing.py --shape mid --methods "lora r16" "moelora E8 r2"
     python scripts/bench_packing.py --device cuda --shape mid --batches 12
+    python scripts/bench_packing.py --device cuda --shape 0.5b     # Qwen2.5-0.5B, its vocabulary
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import math
 import time
 
 import torch
-from bench_adapters import METHODS, TARGETS, build_base
+from bench_adapters import METHODS, TARGETS, build_base, vocab_size
+from bench_shapes import QWEN2_5, bench_dtype, device_name
 from peft import LoraConfig, get_peft_model
 
 from moelora.adapters import AdaptedModel, method_config
@@ -37,7 +39,7 @@ from moelora.data.batching import (
 )
 from moelora.data.formatting import IGNORE
 
-SHAPES = {"tiny": (256, 4), "mid": (512, 8)}  # hidden size, layers
+SHAPES = {"micro": (64, 2), "tiny": (256, 4), "mid": (512, 8)}  # hidden size, layers
 LAYOUTS = ("none", "grouped", "packed")
 
 
@@ -149,8 +151,9 @@ def time_steps(model: torch.nn.Module, batch_list: list[dict], args: argparse.Na
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=SHAPES, default="tiny")
-    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--shape", choices=[*SHAPES, *QWEN2_5], default="tiny")
+    parser.add_argument("--vocab", type=int, help="vocabulary (2000, or the Qwen shape's own)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--pack-length", type=int, default=1024)
     parser.add_argument("--window", type=int, default=50, help="data.group_window")
@@ -168,12 +171,13 @@ def main() -> None:
         help="rows: moelora_rows, as moelora train packs; sdpa: transformers' packed masks",
     )
     args = parser.parse_args()
-    args.hidden, args.layers = SHAPES[args.shape]
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    shape = QWEN2_5.get(args.shape)
+    args.hidden, args.layers = (shape.hidden, shape.layers) if shape else SHAPES[args.shape]
+    dtype = bench_dtype(args.dtype, args.device)
     if args.data:
         rows = folder_rows(args.data, args.pack_length)
     else:
-        rows = synthetic_rows(args.rows, args.pack_length, args.vocab, seed=0)
+        rows = synthetic_rows(args.rows, args.pack_length, vocab_size(args), seed=0)
     by_layout = {layout: batches(rows, layout, args) for layout in LAYOUTS}
     built = models(args, dtype)
 
@@ -184,7 +188,8 @@ def main() -> None:
     reference = results["PEFT LoRA r16", "none"][0]
 
     print(
-        f"\ndevice {args.device}, {dtype}, shape {args.shape} (hidden {args.hidden}, "
+        f"\ndevice {args.device} ({device_name(args.device)}), {dtype}, shape {args.shape} "
+        f"(hidden {args.hidden}, "
         f"{args.layers} layers), batch {args.batch} rows, pack length {args.pack_length}, "
         f"{args.batches} batches x {args.repeats} (first {args.warmup} untimed), attention "
         f"{args.attention}, rows: "

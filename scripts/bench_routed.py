@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_shapes import bench_dtype, device_name
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -67,15 +68,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = bench_dtype(args.dtype, args.device)
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.dim, device=args.device, dtype=dtype, requires_grad=True)
     weight = torch.randn(args.tokens, args.dim, device=args.device, dtype=dtype)
 
     print(
-        f"\ndevice {args.device}, dtype {dtype}, d_in = d_out = {args.dim}, {args.tokens} "
-        f"tokens, forward + backward, median of {args.rounds} x {args.steps} interleaved steps\n"
+        f"\ndevice {args.device} ({device_name(args.device)}), dtype {dtype}, d_in = d_out = "
+        f"{args.dim}, {args.tokens} tokens, forward + backward, median of {args.rounds} x "
+        f"{args.steps} interleaved steps\n"
     )
     print("| E | k | r | PEFT LoRA r=k*r ms | dense | gather | auto picks |")
     print("|---:|---:|---:|---:|---:|---:|---|")
