@@ -38,6 +38,7 @@ from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState, check_free_space
 from moelora.train.history import HISTORY_FILE, History
+from moelora.train.trackers import check_installed, make_trackers
 
 log = get_logger(__name__)
 
@@ -74,10 +75,11 @@ def setup_run(cfg: TrainConfig, raw: DictConfig, resuming: bool) -> Run:
     if resuming:
         check_resume_config(cfg.run_dir, to_container(raw))
     check_files(cfg.data)
+    check_installed(cfg.trainer.log_with)
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     trainer = cfg.trainer
-    accelerator = make_accelerator(cfg.hardware, Path(cfg.run_dir), trainer.log_with, trainer)
+    accelerator = make_accelerator(cfg.hardware, Path(cfg.run_dir), make_trackers(cfg), trainer)
     accelerator.wait_for_everyone()  # every rank has read config.yaml before rank 0 rewrites it
     set_seed(trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -182,7 +184,8 @@ def start_trackers(
     accelerator: Accelerator, raw: DictConfig, sampler: MixtureSampler, fill: dict[str, float]
 ) -> None:
     """The trackers (TensorBoard by default) with the config's scalars, the realised mixture
-    and the batches' fill rates at step 0."""
+    and the batches' fill rates at step 0; "train" names TensorBoard's folder in the run
+    directory (MLflow and W&B take their names from `make_trackers`)."""
     accelerator.init_trackers("train", config=_flat_hparams(raw))
     mix = {f"data/mix/{t}": n / len(sampler) for t, n in sampler.counts.items()}
     filled = {f"data/fill/{layout}": share for layout, share in fill.items()}

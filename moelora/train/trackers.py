@@ -1,0 +1,112 @@
+"""The experiment trackers a run reports to (`trainer.log_with`), all through accelerate:
+TensorBoard under the run directory, MLflow and Weights & Biases wherever their own environment
+variables send them (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME; WANDB_PROJECT, WANDB_MODE,
+WANDB_DIR, WANDB_API_KEY), as the Hugging Face Trainer and LLaMA-Factory read them. A finished
+run's config, report, metrics and figures follow as artifacts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, MLflowTracker, WandBTracker
+
+from moelora.config import TrainConfig
+from moelora.errors import UserError
+from moelora.resume import FINISHED_FILE
+
+# Each tracker's package; mlflow and wandb come with the `trackers` extra.
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+# The MLflow experiment and W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say.
+DEFAULT_PROJECT = "moelora"
+# What a finished run hands its trackers, besides the figures (*.png).
+ARTIFACTS = ("config.yaml", "report.md", FINISHED_FILE)
+WANDB_FOLDER = "moelora"  # where they go among a W&B run's files
+# Parts of metrics.json that are no measurement of the run.
+UNLOGGED = ("num_rows", "empty_targets")
+
+
+def check_installed(log_with: list[str]) -> None:
+    """Stop before anything loads on a tracker whose package is missing (accelerate would
+    drop it without a word)."""
+    for name in log_with:
+        package = PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"trainer.log_with has {name}, but the {package} package is not installed; "
+                f'install the extra with `pip install "moelora[trackers]"` (in a checkout: '
+                f'`pip install -e ".[trackers]"`).'
+            )
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """trainer.run_name, else the method and the run folder's last two parts (the date and time
+    of a run, the time and job number of a sweep's)."""
+    if cfg.trainer.run_name:
+        return cfg.trainer.run_name
+    folder = Path(cfg.run_dir).resolve()
+    return f"{cfg.method.name} {folder.parent.name}/{folder.name}"
+
+
+def make_trackers(cfg: TrainConfig) -> list[str | GeneralTracker]:
+    """What `Accelerator(log_with=...)` gets: TensorBoard by name (accelerate writes it under
+    the run directory), MLflow and W&B built here so that they carry the run's name and their
+    project; W&B writes its files into the run directory unless WANDB_DIR says otherwise."""
+    name = run_name(cfg)
+    trackers: list[str | GeneralTracker] = []
+    for tracker in cfg.trainer.log_with:
+        if tracker == "mlflow":  # MLFLOW_EXPERIMENT_NAME wins over the name given here
+            trackers.append(MLflowTracker(DEFAULT_PROJECT, run_name=name))
+        elif tracker == "wandb":
+            project = os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT)
+            where = {} if os.environ.get("WANDB_DIR") else {"dir": cfg.run_dir}
+            trackers.append(WandBTracker(project, name=name, **where))
+        elif tracker != "none":
+            trackers.append(tracker)
+    return trackers
+
+
+def report_to_trackers(accelerator: Accelerator, run_dir: Path) -> None:
+    """Once report.md and metrics.json are written (main process: the others hold no tracker):
+    metrics.json's numbers at the last step, so runs compare by score in MLflow and W&B; then
+    config.yaml, report.md, metrics.json and the figures go to the top of MLflow's artifacts and
+    to `moelora/` in the W&B run's files (uploaded with it, or by `wandb sync` offline)."""
+    if not accelerator.is_main_process or not accelerator.trackers:
+        return
+    metrics = json.loads((run_dir / FINISHED_FILE).read_text(encoding="utf-8"))
+    accelerator.log(final_numbers(metrics), step=metrics["info"]["steps"])
+    files = [run_dir / name for name in ARTIFACTS if (run_dir / name).is_file()]
+    files += sorted(run_dir.glob("*.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "mlflow":
+            for path in files:
+                tracker.log_artifact(str(path))
+        elif tracker.name == "wandb":
+            _save_in_wandb_run(tracker.tracker, files)
+
+
+def final_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """metrics.json's numbers by their path ("after/overall", "after/per_task/NER",
+    "info/final_eval_loss"), without the row counts."""
+    numbers: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict) and key not in UNLOGGED:
+            numbers |= final_numbers(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
+
+
+def _save_in_wandb_run(run, files: list[Path]) -> None:
+    """Copies under `moelora/` in the run's own folder: W&B keeps a config.yaml of its own
+    there, and wandb.save would only link to the run directory (an offline run synced after
+    the run directory moved would lose them)."""
+    folder = Path(run.dir) / WANDB_FOLDER
+    folder.mkdir(exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+        run.save(str(folder / path.name), base_path=run.dir, policy="now")
