@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moelora.errors import RunStopped
+from moelora.train.trackers import MLflow, WandB
 from tests.conftest import TINY_SHAPE
 from tests.test_config import in_process
 
@@ -162,9 +164,7 @@ def test_wandb_offline_run_holds_config_history_and_files(tracked_run) -> None:
     run_dir, _ = tracked_run
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
     (log,) = folder.glob("run-*.wandb")
-    inspect = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)]
-    result = subprocess.run(inspect, capture_output=True, text=True, timeout=60, check=True)
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    records = wandb_records(log)
     (started,) = (r["run"] for r in records if r["type"] == "run")
     assert started["project"] == EXPERIMENT
     assert started["display_name"] == f"moelora {run_dir.parent.name}/{run_dir.name}"
@@ -186,6 +186,58 @@ def test_wandb_offline_run_holds_config_history_and_files(tracked_run) -> None:
         copy = folder / "files" / "moelora" / name
         assert copy.read_bytes() == (run_dir / name).read_bytes(), name
     assert list((run_dir / "train").rglob("events.out.tfevents.*")), "no TensorBoard log"
+
+
+def wandb_records(log: Path) -> list[dict]:
+    """The records of a W&B run's transaction log (run-*.wandb), read by wandb's own reader."""
+    inspect = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)]
+    result = subprocess.run(inspect, capture_output=True, text=True, timeout=60, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+# How training ended (the exception leaving the recipe) -> MLflow status, W&B exit code.
+ENDINGS = [
+    (None, "FINISHED", 0),
+    (RunStopped("SIGTERM at step 5", 143), "KILLED", 143),
+    (ValueError("a bug"), "FAILED", 1),
+]
+
+
+def test_tracker_runs_end_as_training_did(tmp_path, monkeypatch) -> None:
+    """The trackers close in the recipe's `finally`: a run that stopped on an error or a
+    signal must not show as finished."""
+    pytest.importorskip("mlflow", reason=EXTRA)
+    pytest.importorskip("wandb", reason=EXTRA)
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifacts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("CACHE", "CONFIG"):
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / name.lower()))
+    for index, (error, _, _) in enumerate(ENDINGS):
+        trackers = [MLflow("endings", run_name=str(index)), WandB("endings", name=str(index))]
+        for tracker in trackers:
+            tracker.start()
+        with contextlib.suppress(Exception):
+            try:
+                if error is not None:
+                    raise error
+            finally:
+                for tracker in trackers:
+                    tracker.finish()
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("endings").experiment_id])
+    assert {run.info.run_name: run.info.status for run in runs} == {
+        str(index): status for index, (_, status, _) in enumerate(ENDINGS)
+    }
+    codes = {}
+    for log in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb"):
+        records = wandb_records(log)
+        (started,) = (r["run"] for r in records if r["type"] == "run")
+        (ended,) = (r["exit"] for r in records if r["type"] == "exit")
+        codes[started["display_name"]] = ended.get("exit_code", 0)
+    assert codes == {str(index): code for index, (_, _, code) in enumerate(ENDINGS)}
 
 
 def test_misspelt_tracker_names_the_choices(capsys, tmp_path) -> None:

@@ -10,13 +10,14 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, MLflowTracker, WandBTracker
 
 from moelora.config import TrainConfig
-from moelora.errors import UserError
+from moelora.errors import RunStopped, UserError
 from moelora.resume import FINISHED_FILE
 
 # Each tracker's package; mlflow and wandb come with the `trackers` extra.
@@ -60,14 +61,44 @@ def make_trackers(cfg: TrainConfig) -> list[str | GeneralTracker]:
     trackers: list[str | GeneralTracker] = []
     for tracker in cfg.trainer.log_with:
         if tracker == "mlflow":  # MLFLOW_EXPERIMENT_NAME wins over the name given here
-            trackers.append(MLflowTracker(DEFAULT_PROJECT, run_name=name))
+            trackers.append(MLflow(DEFAULT_PROJECT, run_name=name))
         elif tracker == "wandb":
             project = os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT)
             where = {} if os.environ.get("WANDB_DIR") else {"dir": cfg.run_dir}
-            trackers.append(WandBTracker(project, name=name, **where))
+            trackers.append(WandB(project, name=name, **where))
         elif tracker != "none":
             trackers.append(tracker)
     return trackers
+
+
+class MLflow(MLflowTracker):
+    """accelerate's MLflow tracker, whose run ends FAILED after an error (KILLED after a stop
+    signal) instead of FINISHED."""
+
+    def finish(self) -> None:
+        import mlflow
+
+        mlflow.end_run(status=_ending()[0])
+
+
+class WandB(WandBTracker):
+    """accelerate's W&B tracker, whose run ends with the process's exit code (failed or
+    killed in W&B) after an error or a stop signal."""
+
+    def finish(self) -> None:
+        self.run.finish(exit_code=_ending()[1])
+
+
+def _ending() -> tuple[str, int]:
+    """(MLflow status, exit code) of the run the trackers close: the recipe closes them in a
+    `finally`, where the exception on its way out, if any, is the one being handled."""
+    error = sys.exc_info()[1]
+    if error is None:
+        return "FINISHED", 0
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED", 130
+    code = error.exit_code if isinstance(error, RunStopped) else 1
+    return ("KILLED" if code > 128 else "FAILED"), code  # 128 + N: stopped by signal N
 
 
 def report_to_trackers(accelerator: Accelerator, run_dir: Path) -> None:
