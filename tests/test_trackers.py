@@ -75,9 +75,7 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     """`mlflow server` on a free local port with a sqlite store in `folder`; stopped with its
     workers (its own process group) at the end."""
     folder.mkdir()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
@@ -100,6 +98,12 @@ def mlflow_server(folder: Path) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)  # a worker that outlived the server
             log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_until_up(server: subprocess.Popen, url: str, log: Path, seconds: float = 180) -> None:
@@ -266,3 +270,21 @@ def test_missing_tracker_package_names_the_extra(tracker, capsys, tmp_path, monk
         f'`pip install -e ".[trackers]"`).'
     )
     assert not (tmp_path / "r" / "config.yaml").exists()  # stopped before the run started
+
+
+def test_unreachable_mlflow_server_stops_with_one_line(capsys, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason=EXTRA)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    result = in_process(
+        capsys, "train", "+experiment=demo", *TINY_SHAPE, "model.tiny.pretrain_steps=0",
+        "trainer.log_with=[tensorboard,mlflow]", f"run_dir={tmp_path}/r",
+    )  # fmt: skip
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "moelora train: error: trainer.log_with has mlflow, but MLflow could not start the run ("
+    )
+    assert "Connection refused" in line
+    assert line.endswith(f"check MLFLOW_TRACKING_URI ({url}) and that the server is up.")

@@ -6,6 +6,7 @@ run's config, report, metrics and figures follow as artifacts."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -69,6 +70,36 @@ def make_trackers(cfg: TrainConfig) -> list[str | GeneralTracker]:
         elif tracker != "none":
             trackers.append(tracker)
     return trackers
+
+
+def init_trackers(accelerator: Accelerator, config: dict) -> None:
+    """Start the trackers with the run's config ("train" names TensorBoard's folder in the run
+    directory). One that cannot start (a server out of reach, W&B without a login) stops the
+    run with one line, the others closed again."""
+    try:
+        accelerator.init_trackers("train", config=config)
+    except Exception as err:
+        for tracker in accelerator.trackers:
+            with contextlib.suppress(Exception):  # the one that failed has nothing to close
+                tracker.finish()
+        raise UserError(_start_failure(err)) from err
+
+
+def _start_failure(err: Exception) -> str:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    package = type(err).__module__.split(".")[0]
+    if package == "mlflow":
+        return (
+            f"trainer.log_with has mlflow, but MLflow could not start the run ({reason}); check "
+            f"MLFLOW_TRACKING_URI ({os.environ.get('MLFLOW_TRACKING_URI', 'unset')}) and that "
+            f"the server is up."
+        )
+    if package == "wandb":
+        return (
+            f"trainer.log_with has wandb, but W&B could not start the run ({reason}); log in "
+            f"(WANDB_API_KEY) or set WANDB_MODE=offline."
+        )
+    return f"trainer.log_with: a tracker could not start ({reason})."
 
 
 class MLflow(MLflowTracker):
