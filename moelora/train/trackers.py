@@ -60,7 +60,7 @@ def make_trackers(cfg: TrainConfig) -> list[str | GeneralTracker]:
     project; W&B writes its files into the run directory unless WANDB_DIR says otherwise."""
     name = run_name(cfg)
     trackers: list[str | GeneralTracker] = []
-    for tracker in cfg.trainer.log_with:
+    for tracker in dict.fromkeys(cfg.trainer.log_with):  # each once, in the order given
         if tracker == "mlflow":  # MLFLOW_EXPERIMENT_NAME wins over the name given here
             trackers.append(MLflow(DEFAULT_PROJECT, run_name=name))
         elif tracker == "wandb":
