@@ -1,8 +1,9 @@
 """Experiment trackers as a user runs them: one tiny `moelora train` reports to TensorBoard, to
 a real MLflow tracking server (sqlite store, started here on 127.0.0.1) and to W&B offline, and
 what MLflow serves and W&B's offline run holds is what the run directory holds: the config, the
-loss by step, the final scores, report.md, metrics.json and the figures. A misspelt tracker or a
-missing package stops at start with one line."""
+loss by step, the final scores, report.md, metrics.json and the figures. A run that stopped on
+an error or a signal is not shown as finished; a misspelt tracker, a missing package or a server
+out of reach stops with one line."""
 
 from __future__ import annotations
 
@@ -207,6 +208,7 @@ ENDINGS = [
 ]
 
 
+@pytest.mark.slow
 def test_tracker_runs_end_as_training_did(tmp_path, monkeypatch) -> None:
     """The trackers close in the recipe's `finally`: a run that stopped on an error or a
     signal must not show as finished."""
