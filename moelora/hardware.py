@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import (
     DeepSpeedPlugin,
     DistributedType,
@@ -103,7 +104,7 @@ def fill_model_sizes(config: dict[str, Any], hidden_size: int) -> None:
 def make_accelerator(
     hardware: HardwareConfig,
     run_dir: Path | None = None,
-    loggers: list[str] | None = None,
+    loggers: list[str | GeneralTracker] | None = None,
     trainer: TrainerConfig | None = None,
 ) -> Accelerator:
     """On a CPU, mixed precision is turned off (bf16 there is emulated and ~30x slower) and the

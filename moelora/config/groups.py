@@ -13,6 +13,7 @@ from moelora.errors import UserError, check_choice, check_range
 STRATEGIES = ("single", "ddp", "deepspeed")
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
 TEMPLATES = ("auto", "chat", "plain")
 PACKINGS = ("none", "grouped", "packed")
 LENGTH_POLICIES = ("truncate_input", "drop", "error")
@@ -219,10 +220,14 @@ class TrainerConfig:
     # An earlier run directory whose adapter initialises this one (tensors that do not fit, e.g.
     # added domain experts or a resized router, keep their init); needed by method.add_domains.
     init_adapter_from: str | None = None
+    # Experiment trackers: tensorboard, mlflow, wandb (README: Experiment trackers).
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str | None = None  # the run's name in MLflow and W&B (default: method and folder)
 
     def __post_init__(self) -> None:
         check_choice("trainer.scheduler", self.scheduler, SCHEDULERS)
+        for tracker in self.log_with:
+            check_choice("trainer.log_with", tracker, TRACKERS)
         if self.resume not in (True, False, "auto"):
             raise UserError(f"trainer.resume={self.resume} is unknown; use true, false or auto.")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):

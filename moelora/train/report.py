@@ -15,6 +15,7 @@ from moelora.evaluate.scoring import eval_loss
 from moelora.log import get_logger
 from moelora.train.loop import Progress
 from moelora.train.setup import Run
+from moelora.train.trackers import report_to_trackers
 
 log = get_logger(__name__)
 
@@ -43,7 +44,8 @@ def run_info(run: Run, progress: Progress) -> dict:
 
 def write_run_report(run: Run, info: dict, columns: dict[str, dict]) -> None:
     """The figures (training curves; the gates' routing when scored), then report.md and
-    metrics.json, or metrics.json alone for an unscored run. Every process must call it."""
+    metrics.json, or metrics.json alone for an unscored run; then the trackers get their numbers and
+    files. Every process must call it."""
     cfg, main = run.cfg, run.accelerator.is_main_process
     title = f"moelora run: {cfg.method.name} on {cfg.data.name}"
     figures = {}
@@ -56,6 +58,7 @@ def write_run_report(run: Run, info: dict, columns: dict[str, dict]) -> None:
         write_report(run.run_dir, title, columns, info, figures)
     elif main:
         write_metrics(run.run_dir, info, {})
+    report_to_trackers(run.accelerator, run.run_dir)
     log.info(f"run directory: {run.run_dir}")
 
 

@@ -38,6 +38,7 @@ from moelora.modeling import load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState, check_free_space
 from moelora.train.history import HISTORY_FILE, History
+from moelora.train.trackers import check_installed, init_trackers, make_trackers
 
 log = get_logger(__name__)
 
@@ -74,10 +75,11 @@ def setup_run(cfg: TrainConfig, raw: DictConfig, resuming: bool) -> Run:
     if resuming:
         check_resume_config(cfg.run_dir, to_container(raw))
     check_files(cfg.data)
+    check_installed(cfg.trainer.log_with)
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     trainer = cfg.trainer
-    accelerator = make_accelerator(cfg.hardware, Path(cfg.run_dir), trainer.log_with, trainer)
+    accelerator = make_accelerator(cfg.hardware, Path(cfg.run_dir), make_trackers(cfg), trainer)
     accelerator.wait_for_everyone()  # every rank has read config.yaml before rank 0 rewrites it
     set_seed(trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -87,7 +89,6 @@ def setup_run(cfg: TrainConfig, raw: DictConfig, resuming: bool) -> Run:
     adapter_parameters = model.num_trainable_parameters()
     log.info(f"method {cfg.method.name}: {adapter_parameters:,} adapter parameters")
     write_run_files(cfg, raw, accelerator, data.registry, resuming)
-    start_trackers(accelerator, raw, sampler, fill)
     checkpointer = Checkpointer(
         accelerator, model, Path(cfg.run_dir) / "checkpoints", trainer.keep_checkpoints
     )
@@ -97,6 +98,7 @@ def setup_run(cfg: TrainConfig, raw: DictConfig, resuming: bool) -> Run:
         history.keep_until(resume_from.global_step)
     saves = _checkpoints_on_disk(cfg, method)
     check_free_space(checkpointer.root, adapter_parameters, saves)
+    start_trackers(accelerator, raw, sampler, fill)  # last: no check after it leaves a run open
     return Run(
         cfg, raw, method, accelerator, tokenizer, data, sampler, fill, model,
         adapter_parameters, checkpointer, history, resume_from,
@@ -183,7 +185,7 @@ def start_trackers(
 ) -> None:
     """The trackers (TensorBoard by default) with the config's scalars, the realised mixture
     and the batches' fill rates at step 0."""
-    accelerator.init_trackers("train", config=_flat_hparams(raw))
+    init_trackers(accelerator, _flat_hparams(raw))
     mix = {f"data/mix/{t}": n / len(sampler) for t, n in sampler.counts.items()}
     filled = {f"data/fill/{layout}": share for layout, share in fill.items()}
     accelerator.log(mix | filled, step=0)
