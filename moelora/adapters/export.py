@@ -64,6 +64,28 @@ def merge_adapter(
     return base
 
 
+def _lora_config(model: AdaptedModel, ranks: dict[str, int]):
+    """PEFT's LoraConfig for layers of these ranks: the most common one as r, the others in
+    rank_pattern (alpha = rank everywhere, so PEFT's scaling is 1)."""
+    from peft import LoraConfig  # peft imports bitsandbytes and torch's compiler: seconds
+
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
+    layers = model.adapted_layers.values()
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=list(ranks),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=any(isinstance(m.base_layer, Conv1D) for m in layers),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        base_model_name_or_path=getattr(model.base_model.config, "_name_or_path", None) or None,
+    )
+
+
 @torch.no_grad()
 def export_peft_adapter(
     model: AdaptedModel,
@@ -85,23 +107,7 @@ def export_peft_adapter(
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
         ranks[name] = a.shape[0]
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
-    base = model.base_model
-    from peft import LoraConfig  # peft imports bitsandbytes and torch's compiler: seconds
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=list(ranks),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=any(isinstance(m.base_layer, Conv1D) for m in model.adapted_layers.values()),
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None,
-    )
+    config = _lora_config(model, ranks)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))

@@ -57,7 +57,6 @@ def folding(model: AdaptedModel) -> Iterator[Callable[[Hashable], None]]:
         for name, layer in layers.items()
     }
     base = model.base_model
-    folded = False
 
     @torch.no_grad()
     def restore() -> None:
@@ -66,16 +65,13 @@ def folding(model: AdaptedModel) -> Iterator[Callable[[Hashable], None]]:
 
     @torch.no_grad()
     def fold(key: Hashable) -> None:
-        nonlocal folded
-        if folded:
-            restore()
+        restore()  # another key's fold, or a no-op copy of the originals
         task = list(key) if isinstance(key, tuple) else key
         gates = fixed_gates(
             model, task if per == "task" else None, key if per == "domain" else None
         )
         for name, layer in layers.items():
             layer.merge(gates[name])
-        folded = True
 
     try:
         for name, layer in layers.items():

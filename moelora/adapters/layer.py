@@ -88,21 +88,13 @@ class GatedLoRALinear(nn.Module):
         group_ranks = [sum(ranks[start:end]) for start, end in bounds]
         self.num_groups = len(group_ranks)
         for i, r in enumerate(group_ranks):
-            a = torch.empty(r, d_in, dtype=dtype, device=weight.device)
-            if init == "normal":
-                nn.init.normal_(a, std=0.01)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            b = torch.zeros(d_out, r, dtype=dtype, device=weight.device)
+            a, b = _new_pair(r, d_in, d_out, dtype, weight.device, init)
             self.register_parameter(f"lora_A_{i}", nn.Parameter(a))
             self.register_parameter(f"lora_B_{i}", nn.Parameter(b))
         expert_of_rank = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
         self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)
-        self.register_buffer(
-            "expert_scale",
-            torch.tensor(scales, dtype=dtype, device=weight.device),
-            persistent=False,
-        )
+        scale = torch.tensor(scales, dtype=dtype, device=weight.device)
+        self.register_buffer("expert_scale", scale, persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -188,3 +180,16 @@ class GatedLoRALinear(nn.Module):
         with torch.no_grad():
             weight.add_(delta.to(weight.dtype))
         return self.base_layer
+
+
+def _new_pair(
+    rank: int, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device, init: str
+) -> tuple[Tensor, Tensor]:
+    """A fresh (A, B) of one parameter group: A random (`kaiming` as PEFT, or `normal`), B = 0,
+    so the adapter starts as the identity on the base."""
+    a = torch.empty(rank, d_in, dtype=dtype, device=device)
+    if init == "normal":
+        nn.init.normal_(a, std=0.01)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a, torch.zeros(d_out, rank, dtype=dtype, device=device)

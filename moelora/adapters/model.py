@@ -126,7 +126,10 @@ class AdaptedModel(nn.Module):
             out = self.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
             )
-        aux = state.aux_losses()
+        return self._with_aux_losses(out, state.aux_losses())
+
+    def _with_aux_losses(self, out: ModelOutput, aux: dict[str, Tensor]) -> ModelOutput:
+        """`lm_loss`, `aux_loss` (weighted sum), `aux_losses` (detached) and `loss` = both."""
         coef = self.method.aux_weights()
         weighted = [coef[name] * value for name, value in aux.items() if coef.get(name)]
         aux_loss = torch.stack(weighted).sum() if weighted else None

@@ -40,6 +40,13 @@ class LengthReport:
             )
         return out
 
+    def count(self, task: str, prompt: list[int], answer: list[int], cut: bool) -> None:
+        """A kept row: its lengths, and whether its input was cut."""
+        self.kept[task] += 1
+        self.truncated[task] += int(cut)
+        self.prompt_tokens.setdefault(task, []).append(len(prompt))
+        self.target_tokens.setdefault(task, []).append(len(answer))
+
 
 _ANSWER = "MOELORA-ANSWER"  # stands for the answer when the chat template renders a turn
 
@@ -126,6 +133,48 @@ class PromptFormatter:
         return ids, True
 
 
+def _too_long(
+    where: str, row: dict, prompt: list, answer: list, cfg: DataConfig, pack: int | None
+) -> UserError:
+    """data.length_policy=error: the row, its lengths and the limits it is over."""
+    packing = f" / data.pack_length={pack} in all" if pack is not None else ""
+    return UserError(
+        f"{where} (sample_id {row['sample_id']}, task {row['task_dataset']}) has "
+        f"{len(prompt)} prompt / {len(answer)} answer tokens, over data.max_source_length="
+        f"{cfg.max_source_length} / data.max_target_length={cfg.max_target_length}{packing}; "
+        f"raise the limit or set data.length_policy=drop."
+    )
+
+
+def _fit(
+    row: dict, formatter: PromptFormatter, pack: int | None, with_answer: bool
+) -> tuple[list[int], list[int], bool, bool]:
+    """(prompt ids, answer ids, whether the input was cut, whether the row is over a limit);
+    when packing, a row must fit in one packed sequence."""
+    cfg = formatter.cfg
+    answer = formatter.answer_ids(row["target"])
+    limit = cfg.max_source_length
+    if pack is not None:
+        limit = max(min(limit, pack - len(answer)), 1)
+    prompt, cut = formatter.fit_prompt(row["input"], limit)
+    too_long = len(prompt) > limit or (with_answer and len(answer) > cfg.max_target_length)
+    return prompt, answer, cut, too_long
+
+
+def _features(
+    prompt: list[int], answer: list[int], registry: TaskRegistry, task: str
+) -> dict[str, list[int] | int]:
+    """One row's columns: the ids, labels on the answer only, the task and domain ids."""
+    return {
+        "input_ids": prompt + answer,
+        "labels": [IGNORE] * len(prompt) + answer,
+        "prompt_ids": prompt,
+        "task_ids": registry.task_id(task),
+        "domain_ids": registry.domain_id(task),
+        "length": len(prompt) + len(answer),
+    }
+
+
 def tokenize_split(
     rows: Dataset,
     formatter: PromptFormatter,
@@ -143,36 +192,18 @@ def tokenize_split(
     features |= {"task_ids": [], "domain_ids": [], "length": []}
     for index, row in enumerate(rows):
         task = row["task_dataset"]
-        task_id, domain_id = registry.task_id(task), registry.domain_id(task)
-        answer = formatter.answer_ids(row["target"])
-        limit = cfg.max_source_length
-        if pack is not None:  # a row must fit in one packed sequence
-            limit = max(min(limit, pack - len(answer)), 1)
-        prompt, cut = formatter.fit_prompt(row["input"], limit)
-        too_long = len(prompt) > limit or (with_answer and len(answer) > cfg.max_target_length)
+        registry.task_id(task)  # an unknown task stops, whatever its length
+        prompt, answer, cut, too_long = _fit(row, formatter, pack, with_answer)
         if too_long:
             if cfg.length_policy == "error":
-                packing = f" / data.pack_length={pack} in all" if pack is not None else ""
-                raise UserError(
-                    f"row {index + 1} of the {split} set (sample_id {row['sample_id']}, task "
-                    f"{task}) has {len(prompt)} prompt / {len(answer)} answer tokens, over "
-                    f"data.max_source_length={cfg.max_source_length} / data.max_target_length="
-                    f"{cfg.max_target_length}{packing}; raise the limit or set "
-                    f"data.length_policy=drop."
-                )
+                where = f"row {index + 1} of the {split} set"
+                raise _too_long(where, row, prompt, answer, cfg, pack)
             report.dropped[task] += 1
             continue
-        report.kept[task] += 1
-        report.truncated[task] += int(cut)
-        report.prompt_tokens.setdefault(task, []).append(len(prompt))
-        report.target_tokens.setdefault(task, []).append(len(answer))
+        report.count(task, prompt, answer, cut)
         keep.append(index)
-        features["input_ids"].append(prompt + answer)
-        features["labels"].append([IGNORE] * len(prompt) + answer)
-        features["prompt_ids"].append(prompt)
-        features["task_ids"].append(task_id)
-        features["domain_ids"].append(domain_id)
-        features["length"].append(len(prompt) + len(answer))
+        for name, value in _features(prompt, answer, registry, task).items():
+            features[name].append(value)
     if not keep:
         raise UserError(
             f"every row of the {split} set is over the length limits; raise "

@@ -33,31 +33,22 @@ def generate_answers(
     desc: str = "generating",
     fold: bool = True,
 ) -> list[str]:
-    """The decoded answer for each row, in order. Rows are sorted by prompt length so batches
-    pad little; an adapted model gets each row's task/domain ids, as in training. An answer
-    ends at the chat template's end-of-turn token, the tokenizer's eos or the base model's own
-    eos ids (`stop_token_ids`), whichever comes first.
-
-    With `fold` and a static gate (lora, moelora, modula with a forced domain), the rows are
-    grouped by what their gate depends on and each group generates with its adapter folded into
-    the base weights (`moelora.adapters.fold`): base-model speed, weights restored bitwise after.
-
-    The batches are shared out between the processes and the answers gathered. Every process
-    runs the same number of generate calls (the last may repeat a batch whose answers are
-    dropped), because under ZeRO-3 each forward gathers parameters from all of them."""
+    """The decoded answer for each row, in order, greedy. Rows are sorted by prompt length so
+    batches pad little; an adapted model gets each row's task/domain ids, as in training; an
+    answer ends at the first stop token (`stop_token_ids`). With `fold` and a static gate, each
+    group of rows sharing a gate generates with its adapter folded into the base weights
+    (`moelora.adapters.fold`: base-model speed, weights restored bitwise after). The batches
+    are shared out between the processes (the same number of generate calls on each: under
+    ZeRO-3 every forward gathers from all of them) and the answers gathered."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     routed = isinstance(unwrapped, AdaptedModel)  # a bare base model takes no task ids
     batches = _batches(rows, batch_size, unwrapped if routed and fold else None, accelerator)
-    world = accelerator.num_processes
-    mine = batches[accelerator.process_index :: world]
-    repeats = batches[-1:] * (-(-len(batches) // world) - len(mine))  # up to ceil(n / world)
-    synced = is_zero3(accelerator) and world > 1
+    mine, repeats = _share(batches, accelerator)
     answers: list[tuple[int, str]] = []
-    device = accelerator.device
     folds = any(key is not UNFOLDED for key, _ in batches)
-    base = unwrapped.base_model if routed else unwrapped
-    stops = stop_token_ids(tokenizer, getattr(base.generation_config, "eos_token_id", None))
+    settings = _settings(unwrapped, routed, tokenizer, max_new_tokens, accelerator)
+    stops = settings["eos_token_id"]
     with folding(unwrapped) if folds else nullcontext() as fold_into:
         folded_key = UNFOLDED
         for number, (key, batch) in enumerate(
@@ -66,35 +57,70 @@ def generate_answers(
             if key is not UNFOLDED and key != folded_key:
                 fold_into(key)
                 folded_key = key
-            prompts = [rows[i]["prompt_ids"] for i in batch]
-            input_ids = pad(prompts, tokenizer.pad_token_id, left=True).to(device)
-            attention_mask = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
-            generate = unwrapped.base_model.generate if key is not UNFOLDED else unwrapped.generate
-            routing = {}
-            if routed and key is UNFOLDED:
-                routing = {
-                    "task_ids": torch.tensor([rows[i]["task_ids"] for i in batch], device=device),
-                    "domain_ids": torch.tensor(
-                        [rows[i]["domain_ids"] for i in batch], device=device
-                    ),
-                }
-            output = generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                **routing,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stops,
-                synced_gpus=synced,
-            )
-            if number >= len(mine):
-                continue  # a repeat that only keeps the processes in step
-            texts = _decode(tokenizer, output[:, input_ids.shape[1] :], stops)
-            answers += list(zip(batch, texts, strict=True))
+            folded, device = key is not UNFOLDED, accelerator.device
+            new = _generate(unwrapped, rows, batch, folded, routed, device, settings)
+            if number < len(mine):  # not a repeat that only keeps the processes in step
+                answers += list(zip(batch, _decode(tokenizer, new, stops), strict=True))
     found = dict(gather_object(answers))
     return [found[i] for i in range(len(rows))]
+
+
+def _settings(
+    model: torch.nn.Module,
+    routed: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    accelerator: Accelerator,
+) -> dict:
+    """generate()'s settings: the stop tokens, padding, and GPUs kept in step under ZeRO-3."""
+    base = model.base_model if routed else model
+    stops = stop_token_ids(tokenizer, getattr(base.generation_config, "eos_token_id", None))
+    return {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": stops,
+        "synced_gpus": is_zero3(accelerator) and accelerator.num_processes > 1,
+    }
+
+
+def _share(batches: list, accelerator: Accelerator) -> tuple[list, list]:
+    """(this process's batches, repeats of the last batch): every process makes
+    ceil(batches / processes) generate calls."""
+    world = accelerator.num_processes
+    mine = batches[accelerator.process_index :: world]
+    return mine, batches[-1:] * (-(-len(batches) // world) - len(mine))
+
+
+def _generate(
+    model: torch.nn.Module,
+    rows: Dataset,
+    batch: list[int],
+    folded: bool,
+    routed: bool,
+    device: torch.device,
+    settings: dict,
+) -> torch.Tensor:
+    """One batch's new tokens, greedy: through the base with the adapter folded in, or through
+    the adapted model with the rows' task/domain ids (a bare base model takes none)."""
+    prompts = [rows[i]["prompt_ids"] for i in batch]
+    input_ids = pad(prompts, settings["pad_token_id"], left=True).to(device)
+    attention_mask = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    routing = {}
+    if routed and not folded:
+        routing = {
+            name: torch.tensor([rows[i][name] for i in batch], device=device)
+            for name in ("task_ids", "domain_ids")
+        }
+    generate = model.base_model.generate if folded else model.generate
+    output = generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        **routing,
+        do_sample=False,
+        num_beams=1,
+        **settings,
+    )
+    return output[:, input_ids.shape[1] :]
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, new: torch.Tensor, stops: list[int]) -> list[str]:

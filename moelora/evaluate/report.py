@@ -43,14 +43,20 @@ def render_report(
 ) -> str:
     """A markdown report: one row per task, one column per scored model (e.g. before/after) and
     reading (official, lenient), then links to the run's figures (caption -> file name)."""
-    tasks = sorted({t for s in columns.values() if s for t in s["per_task"]})
-    counts = next(s["num_rows"] for s in columns.values() if s)
-    head = "| task | rows | " + " | ".join(_header(n, s) for n, s in columns.items()) + " |"
-    scorers = dict.fromkeys(s["scorer"] for s in columns.values() if s and "scorer" in s)
     lines = [f"# {title}", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += ["", *_notes(columns), ""]
+    lines += _table(columns)
+    for caption, name in (figures or {}).items():
+        lines += ["", f"![{caption}]({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(columns: dict[str, dict | None]) -> list[str]:
+    """What the numbers are: the scorers' readings, the validation rows, empty gold targets."""
+    scorers = dict.fromkeys(s["scorer"] for s in columns.values() if s and "scorer" in s)
     notes = "; ".join(SCORER_NOTES[s] for s in scorers)
-    lines += ["", f"Scores are percentages (PromptCBLUE metrics, greedy decoding); {notes}."]
+    lines = [f"Scores are percentages (PromptCBLUE metrics, greedy decoding); {notes}."]
     held = next((s["num_rows"] for n, s in columns.items() if n.startswith("validation") and s), {})
     if held:
         lines += [
@@ -61,8 +67,15 @@ def render_report(
     if empty:
         where = ", ".join(f"{task} {n}" for task, n in empty.items())
         lines += [f"Rows with an empty target, scored as the official scorer does: {where}."]
-    lines += [""]
-    lines += [head, "|" + "---|" * (len(columns) + 2)]
+    return lines
+
+
+def _table(columns: dict[str, dict | None]) -> list[str]:
+    """The per-task table, the overall row and, with eval.summary_tasks, their mean's row."""
+    tasks = sorted({t for s in columns.values() if s for t in s["per_task"]})
+    counts = next(s["num_rows"] for s in columns.values() if s)
+    head = "| task | rows | " + " | ".join(_header(n, s) for n, s in columns.items()) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
     for task in tasks:
         cells = " | ".join(_cell(s, task) for s in columns.values())
         lines.append(f"| {task} | {counts.get(task, 0)} | {cells} |")
@@ -78,9 +91,7 @@ def render_report(
         lines.append(
             f"| **overall of {len(summarised)}: {', '.join(summarised)}** | {rows} | {cells} |"
         )
-    for caption, name in (figures or {}).items():
-        lines += ["", f"![{caption}]({name})"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_report(
