@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -70,6 +71,20 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise UserError(f"the tokenizer '{name}' has no eos token; pick a tokenizer that has one.")
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def base_skeleton(cfg: ModelConfig) -> PreTrainedModel | None:
+    """The base's modules on the meta device (no weights, no memory), for checks before it
+    loads; None for the tiny model or when its config cannot be read (the loader says why)."""
+    if cfg.name_or_path == "tiny":
+        return None
+    remote = cfg.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=remote)
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def resolve_dtype(name: str, on_cpu: bool) -> torch.dtype:

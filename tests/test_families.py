@@ -15,6 +15,7 @@ from moelora.adapters import (
     AdapterConfig,
     find_targets,
     load_adapter,
+    method_config,
     save_adapter,
 )
 from moelora.adapters.families import FAMILIES
@@ -66,7 +67,7 @@ def test_default_targets_are_the_familys_projections(model_type, method, presets
 
 def test_another_familys_names_are_named_in_a_warning(capsys) -> None:
     llama_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = AdapterConfig.coerce({"name": "lora", "target_modules": llama_names})
+    config = method_config({"name": "lora", "target_modules": llama_names})
     found = find_targets(tiny_model("glm4"), config)  # GLM fuses gate and up: gate_up_proj
     assert not any(path.endswith("gate_up_proj") for path in found)
     assert (

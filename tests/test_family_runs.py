@@ -100,8 +100,10 @@ def custom_code_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
 
 
 def test_custom_code_needs_trust_remote_code_then_target_names(
-    custom_code_checkpoint: Path, demo_slice: Path, tmp_path: Path, capsys
+    custom_code_checkpoint: Path, demo_slice: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    """Both stop before the tokenizer or the model loads (the targets are checked on the
+    model's weightless skeleton)."""
     refused = train_command(capsys, demo_slice, custom_code_checkpoint, tmp_path / "a")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
@@ -109,6 +111,13 @@ def test_custom_code_needs_trust_remote_code_then_target_names(
         "Python code for the model (its config names classes that transformers does not have); "
         "set model.trust_remote_code=true to run that code, if you trust its source."
     )
+    import moelora.train.setup as setup
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the model loaded before the targets were checked")
+
+    monkeypatch.setattr(setup, "load_tokenizer", loads)
+    monkeypatch.setattr(setup, "load_base_model", loads)
     trusted = train_command(
         capsys, demo_slice, custom_code_checkpoint, tmp_path / "b", "model.trust_remote_code=true"
     )

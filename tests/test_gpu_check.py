@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moelora.adapters import AdaptedModel, AdapterConfig
+from moelora.adapters import AdaptedModel, method_config
 from tests.conftest import REPO, load_script
 
 mfu = load_script("mfu")
@@ -47,7 +47,7 @@ def wrap(kind: str, base: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
         model = get_peft_model(base, LoraConfig(r=8, target_modules=TARGETS, lora_dropout=0.0))
         return model, model, {}
     fields = {"lora": {"rank_per_expert": 8}, "moelora": {"num_experts": 4, "total_rank": 8}}
-    cfg = AdapterConfig.coerce({"name": kind, "dropout": 0.0, **fields[kind]})
+    cfg = method_config({"name": kind, "dropout": 0.0, **fields[kind]})
     model = AdaptedModel(base, cfg, num_tasks=2)
     return model, model.base_model, {"task_ids": torch.tensor([0, 1])}
 

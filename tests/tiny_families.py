@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from moelora.adapters import AdapterConfig
+from moelora.adapters import AdapterConfig, method_config
 from moelora.paths import CONFIG_DIR, DATA_DIR
 
 TOKENIZER = DATA_DIR / "tokenizer"
@@ -63,7 +63,7 @@ def method_presets() -> dict[str, AdapterConfig]:
     composed = {}
     for method in METHODS:
         node = compose_config("train", [f"method={method}", "method.dropout=0"]).method
-        composed[method] = AdapterConfig.coerce(OmegaConf.to_container(node, resolve=True))
+        composed[method] = method_config(OmegaConf.to_container(node, resolve=True))
     return composed
 
 

@@ -49,11 +49,12 @@ def resolve_roles(
     family = FAMILIES.get(model_type or "")
     if with_roles and family is None:
         asked = " and ".join(f"{key}={list(names)}" for key, names in with_roles.items())
+        some = f" (some of {linear_names})" if linear_names else ""
         raise ValueError(
             f"{asked} name{'s' if len(with_roles) == 1 else ''} the roles {'/'.join(ROLES)}, "
             f"which moelora knows only for the model types {', '.join(sorted(FAMILIES))}, not "
             f"for {model_type!r}; set {' and '.join(with_roles)} to this model's Linear names "
-            f"instead (some of {linear_names})."
+            f"instead{some}."
         )
     return {key: _expand(names, family or {}) for key, names in fields.items()}
 

@@ -26,10 +26,11 @@ def _suffix_match(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
-def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
+def find_targets(model: nn.Module, config: AdapterConfig, quiet: bool = False) -> dict[str, bool]:
     """Map each targeted Linear's path to whether it is a dense (plain LoRA) target. The roles
     `attention` and `mlp` among the names stand for the model family's projections
-    (moelora/adapters/families.py, by `model.config.model_type`).
+    (moelora/adapters/families.py, by `model.config.model_type`). A name no Linear has is
+    warned about unless `quiet` (a check on the model's skeleton before it loads).
 
     Raises:
         ValueError: a role on an unknown model type, or nothing matched; the message lists the
@@ -38,7 +39,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
     linears = [name for name, module in model.named_modules() if is_linear(module)]
     leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
     names = _target_names(model, config, leaves)
-    _warn_unmatched(names, linears, leaves)
+    if not quiet:
+        _warn_unmatched(names, linears, leaves)
     dense, targets = names["method.dense_targets"], names.get("method.target_modules", [])
     found: dict[str, bool] = {}
     for name in linears:
@@ -59,13 +61,17 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, bool]:
     return found
 
 
-def _target_names(model: nn.Module, config: AdapterConfig, leaves: list[str]) -> dict:
-    """The config fields' Linear names, roles resolved for the model's family."""
+def _target_fields(config: AdapterConfig) -> dict[str, list[str]]:
     fields = {"method.dense_targets": list(getattr(config, "dense_targets", []))}
     if not config.target_regex:  # a regex replaces target_modules
         fields["method.target_modules"] = list(config.target_modules)
+    return fields
+
+
+def _target_names(model: nn.Module, config: AdapterConfig, leaves: list[str]) -> dict:
+    """The config fields' Linear names, roles resolved for the model's family."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return resolve_roles(fields, model_type, leaves)
+    return resolve_roles(_target_fields(config), model_type, leaves)
 
 
 def _warn_unmatched(names: dict[str, list[str]], linears: list[str], leaves: list[str]) -> None:

@@ -15,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from moelora import atomic
-from moelora.adapters import AdaptedModel, Method, load_adapter_weights, method_of
+from moelora.adapters import (
+    AdaptedModel,
+    Method,
+    find_targets,
+    load_adapter_weights,
+    method_of,
+)
 from moelora.adapters.attention import use_row_attention
 from moelora.config import TrainConfig, to_container
 from moelora.data.batching import fill_rates
@@ -34,7 +40,7 @@ from moelora.hardware import (
     save_deepspeed_config,
 )
 from moelora.log import get_logger
-from moelora.modeling import load_base_model, load_tokenizer
+from moelora.modeling import base_skeleton, load_base_model, load_tokenizer
 from moelora.rundir import check_resume_config, read_init_run
 from moelora.train.checkpoint import Checkpointer, TrainState, check_free_space
 from moelora.train.history import HISTORY_FILE, History
@@ -76,6 +82,7 @@ def setup_run(cfg: TrainConfig, raw: DictConfig, resuming: bool) -> Run:
         check_resume_config(cfg.run_dir, to_container(raw))
     check_files(cfg.data)
     check_installed(cfg.trainer.log_with)
+    _check_targets(cfg)
     init_from = cfg.trainer.init_adapter_from
     earlier = read_init_run(init_from, cfg.method) if init_from else None
     trainer = cfg.trainer
@@ -103,6 +110,17 @@ def setup_run(cfg: TrainConfig, raw: DictConfig, resuming: bool) -> Run:
         cfg, raw, method, accelerator, tokenizer, data, sampler, fill, model,
         adapter_parameters, checkpointer, history, resume_from,
     )  # fmt: skip
+
+
+def _check_targets(cfg: TrainConfig) -> None:
+    """The method's targets must match Linears of the base (its roles be known for the base's
+    family), checked on its weightless skeleton before anything loads."""
+    skeleton = base_skeleton(cfg.model)
+    if skeleton is not None:
+        try:
+            find_targets(skeleton, cfg.method, quiet=True)
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
 
 def read_data(
