@@ -42,7 +42,7 @@ class TokenIds:
     eos_token_id = None
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
-        return [" ".join(map(str, row.tolist())) for row in sequences]
+        return [" ".join(str(int(token)) for token in row) for row in sequences]
 
 
 def prompts(args: argparse.Namespace) -> Dataset:
