@@ -176,5 +176,5 @@ def test_tiny_mode_writes_every_table_with_numbers(tmp_path: Path) -> None:
         for table in markdown_tables(section):
             assert len(table) >= 3  # header, rule, at least one row
             assert all(re.search(r"\| [\d,.]+(x|%)? \|", row) for row in table[2:]), table
-    for preset in ("gpu", "zero3", "qlora_4bit"):
+    for preset in ("gpu", "qlora_4bit"):
         assert re.search(rf"\| {preset} \| 1 \| [\d,]+ \| [\d,]+ \| [\d.]+x \|", text)
