@@ -52,11 +52,9 @@ def folding(model: AdaptedModel) -> Iterator[Callable[[Hashable], None]]:
     """
     per = model.method.export_per
     layers = model.adapted_layers
-    originals = {
-        name: layer.base_layer.weight.detach().to("cpu", copy=True)
-        for name, layer in layers.items()
-    }
+    originals = {n: m.base_layer.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
     base = model.base_model
+    folded = False
 
     @torch.no_grad()
     def restore() -> None:
@@ -65,7 +63,10 @@ def folding(model: AdaptedModel) -> Iterator[Callable[[Hashable], None]]:
 
     @torch.no_grad()
     def fold(key: Hashable) -> None:
-        restore()  # another key's fold, or a no-op copy of the originals
+        nonlocal folded
+        if folded:  # another key's fold is in the weights
+            restore()
+        folded = True
         task = list(key) if isinstance(key, tuple) else key
         gates = fixed_gates(
             model, task if per == "task" else None, key if per == "domain" else None
