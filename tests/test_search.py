@@ -52,6 +52,8 @@ TINY_TRIAL = [
         ("-m hydra/sweeper=optuna +experiment=cmedical",  # the experiment's method
          "-m +experiment=cmedical +hparams_search=moelora"),
         ("-m hydra/sweeper=optuna +hparams_search=lora", "-m +hparams_search=lora"),
+        ("-m hydra/sweeper=optuna trainer.lr=interval(0.1,1)",  # a range of its own
+         "-m trainer.lr=interval(0.1,1) +hparams_search=lora"),
         ("-m +hparams_search=molora method=molora", "-m +hparams_search=molora method=molora"),
         ("-m method=lora,moelora", "-m method=lora,moelora"),  # no search: untouched
     ],
@@ -66,6 +68,7 @@ def test_the_sweeper_shortcut_picks_the_methods_preset(given: str, expected: str
     [
         (["hydra/sweeper=optuna"], "add -m"),
         (["-m", "hydra/sweeper=optuna", "method=lora,moelora"], "a search tunes one method"),
+        (["-m", "hydra/sweeper=optuna", "run_dir=x"], "drop run_dir="),
     ],
 )
 def test_a_search_the_cli_cannot_run_stops_in_one_sentence(given: list[str], message: str):

@@ -5,6 +5,7 @@ hands the sweeper (the validation overall, never the dev score it reports)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 from omegaconf import DictConfig
 
@@ -30,6 +31,12 @@ def search_overrides(overrides: list[str]) -> list[str]:
         raise UserError(
             "a search runs many trials: add -m (moelora train -m hydra/sweeper=optuna ...)."
         )
+    if any(o.startswith("run_dir=") for o in overrides):
+        raise UserError(
+            "a search gives every trial its own folder under hydra.sweep.dir; drop run_dir=."
+        )
+    # optuna's sqlite storage imports alembic, which logs a line for each plugin it sets up.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     overrides = [o for o in overrides if o != SWEEPER]
     if not presets:
         overrides.append(f"+{PRESETS}={_preset_of(_method_of(overrides))}")
@@ -47,10 +54,13 @@ def _method_of(overrides: list[str]) -> str:
     if given:
         return given[-1]
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     plain = [o for o in overrides if not o.startswith(("-", "hydra.", "hydra/"))]
+    parsed = OverridesParser.create().parse_overrides(plain)
+    fixed = [text for text, o in zip(plain, parsed, strict=True) if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=plain).method.name
+        return compose(config_name="train", overrides=fixed).method.name
 
 
 def _preset_of(method: str) -> str:
