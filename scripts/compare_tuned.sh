@@ -15,7 +15,8 @@
 # OUT/summary.md the comparison. LANES=2 runs the methods in two lanes of one CPU thread each.
 # The final runs train on all training rows, as compare_demo.sh's do (the searches held 10 % out).
 # Rerunning the same command continues where it stopped: a search resumes its study (its
-# hydra.sweep.dir is fixed) and finished seeds are skipped (trainer.resume=auto).
+# hydra.sweep.dir is fixed; a larger TRIALS adds trials) and finished seeds are skipped
+# (trainer.resume=auto); seeds trained at settings the search no longer chooses stop the script.
 set -euo pipefail
 out=${1:-runs/compare_tuned}
 lanes=${2:-1}
@@ -49,11 +50,19 @@ tune() {  # search, then three seeds at the best settings
   moelora train -m hydra/sweeper=optuna +experiment=demo "method=$name" $(sizes "$name") "${extra[@]}" \
     "hydra.sweeper.n_trials=$trials" "trainer.max_steps=$search_steps" \
     "hydra.sweep.dir=$out/search/$name" > "$out/search_$name.log" 2>&1
-  echo "$name: searched ($(date +%T)): $(best "$name")"
-  # shellcheck disable=SC2046
-  moelora train -m +experiment=demo "method=$name" $(sizes "$name") "${extra[@]}" $(best "$name") \
-    trainer.seed=0,1,2 trainer.resume=auto "hydra.sweep.dir=$out/tuned/$name" \
-    > "$out/tuned_$name.log" 2>&1
+  local chosen seeds=$out/tuned/$name
+  chosen=$(best "$name")
+  echo "$name: searched ($(date +%T)): $chosen"
+  mkdir -p "$seeds"
+  if [[ -f $seeds/chosen.txt && $(< "$seeds/chosen.txt") != "$chosen" ]]; then
+    echo "$name: the search now chooses $chosen, but $seeds trained $(< "$seeds/chosen.txt");" \
+      "move $seeds away to train the new choice." >&2
+    return 1
+  fi
+  echo "$chosen" > "$seeds/chosen.txt"
+  # shellcheck disable=SC2086
+  moelora train -m +experiment=demo "method=$name" $(sizes "$name") "${extra[@]}" $chosen \
+    trainer.seed=0,1,2 trainer.resume=auto "hydra.sweep.dir=$seeds" > "$out/tuned_$name.log" 2>&1
   echo "$name: done ($(date +%T))"
 }
 
