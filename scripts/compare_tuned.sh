@@ -96,4 +96,5 @@ print(f"| {sys.argv[2]} | {r.best_trial} of {done} | {100 * r.best_value:.1f} | 
 EOF
   done
 } > "$out/chosen.md"
-moelora compare "${methods[@]/#/$out/tuned/}" --out "$out" --baseline method=lora
+# the baseline: the fewest trainable parameters, lora (its label holds its chosen settings)
+moelora compare "${methods[@]/#/$out/tuned/}" --out "$out"
