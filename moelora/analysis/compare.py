@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from moelora.analysis.plots import plot_summary
 from moelora.analysis.runs import RunResult, find_runs
+from moelora.analysis.search import search_lines
 from moelora.analysis.summary import (
     Row,
     baseline,
@@ -27,20 +28,26 @@ log = get_logger(__name__)
 
 
 def write_summary(
-    runs: list[RunResult], out_dir: Path, baseline_label: str | None = None
+    runs: list[RunResult],
+    out_dir: Path,
+    baseline_label: str | None = None,
+    extra: list[str] | None = None,
 ) -> list[Row]:
-    """summary.md, summary.csv and summary.png in `out_dir`."""
+    """summary.md (with the `extra` markdown lines at its end), summary.csv and summary.png in
+    `out_dir`."""
     rows = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(rows, out_dir / "summary.md", baseline(rows, baseline_label))
+    write_markdown(rows, out_dir / "summary.md", baseline(rows, baseline_label), extra or [])
     write_csv(rows, out_dir / "summary.csv")
     plot_summary(rows, task_names(rows), out_dir / "summary.png")
     return rows
 
 
 def compare(paths: list[Path], out_dir: Path, baseline: str | None = None) -> Path:
-    """Write summary.md/.csv/.png for the finished runs under `paths` into `out_dir`."""
-    rows = write_summary(find_runs(paths), out_dir, baseline)
+    """Write summary.md/.csv/.png for the finished runs under `paths` into `out_dir`; an Optuna
+    search's folder adds its best trial and every trial to summary.md."""
+    runs = find_runs(paths)
+    rows = write_summary(runs, out_dir, baseline, search_lines(paths, runs))
     runs = sum(len(row.runs) for row in rows)
     log.info(f"{runs} runs in {len(rows)} configurations: {out_dir / 'summary.md'}")
     return out_dir / "summary.md"

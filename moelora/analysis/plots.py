@@ -38,8 +38,8 @@ def plot_summary(rows: list[Row], tasks: list[str], path: Path) -> None:
     axes.set_ylabel("score (%)")
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.tight_layout()
-    save_figure(figure, path, dpi=120)
+    # the saved image grows to hold the legend, whose labels (a search's settings) run long
+    save_figure(figure, path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 

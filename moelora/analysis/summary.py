@@ -130,7 +130,7 @@ def task_names(rows: list[Row]) -> list[str]:
     return sorted({task for row in rows for task in row.tasks})
 
 
-def write_markdown(rows: list[Row], path: Path, base: Row) -> None:
+def write_markdown(rows: list[Row], path: Path, base: Row, extra: list[str]) -> None:
     tasks = task_names(rows)
     info = [key for key in INFO_KEYS if all(key in row.info for row in rows)]
     validated = any(row.validation is not None for row in rows)
@@ -163,7 +163,7 @@ def write_markdown(rows: list[Row], path: Path, base: Row) -> None:
     for row in rows:
         for run in sorted(row.runs, key=lambda r: r.seed):
             lines.append(f"- {row.label}, seed {run.seed}: `{run.path}`")
-    atomic.write_text(path, "\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join([*lines, *extra]) + "\n")
 
 
 def _compared(row: Row, base: Row) -> str:

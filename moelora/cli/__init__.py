@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from moelora.cli.errors import config_error, one_line_errors
 from moelora.cli.run_dir import pin_output_dir
+from moelora.cli.search import search_overrides
 from moelora.config import register_configs
 from moelora.paths import CONFIG_DIR
 
@@ -32,6 +33,7 @@ examples:
   moelora train +experiment=demo
   moelora train +experiment=demo method=moelora trainer.lr=1e-3
   moelora train -m +experiment=demo method=lora,moelora trainer.seed=0,1,2
+  moelora train -m hydra/sweeper=optuna +experiment=demo method=moelora   (a search)
   moelora compare multirun/2026-11-23/10-00-00
   moelora eval run_dir=outputs/2026-11-23/10-00-00
   moelora predict run_dir=outputs/2026-11-23/10-00-00 data.eval_files=[test.json]
@@ -39,10 +41,13 @@ examples:
 """
 
 
-def _run_train(cfg: DictConfig) -> None:
+def _run_train(cfg: DictConfig) -> float | None:
+    """Train; return the validation overall, a search's objective (moelora/cli/search.py)."""
+    from moelora.cli.search import check_trial, objective
     from moelora.train.recipe import train
 
-    train(cfg)
+    check_trial(cfg)
+    return objective(train(cfg))
 
 
 def _run_eval(cfg: DictConfig) -> None:
@@ -70,7 +75,7 @@ def _run_export(cfg: DictConfig) -> None:
     export_command(cfg)
 
 
-COMMANDS: dict[str, Callable[[DictConfig], None]] = {
+COMMANDS: dict[str, Callable[[DictConfig], float | None]] = {
     "train": _run_train,
     "eval": _run_eval,
     "predict": _run_predict,
@@ -78,15 +83,17 @@ COMMANDS: dict[str, Callable[[DictConfig], None]] = {
 }
 
 
-def _hydra_app(command: str) -> Callable[[], None]:
-    """Wrap one command as a Hydra app whose user errors print one line instead of a traceback."""
+def _hydra_app(command: str) -> Callable[[], float | None]:
+    """Wrap one command as a Hydra app whose user errors print one line instead of a traceback;
+    what the command returns is the job's return value (a sweeper's objective)."""
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")
-    def app(cfg: DictConfig) -> None:
+    def app(cfg: DictConfig) -> float | None:
         _quiet_libraries()
         with one_line_errors(command):
-            COMMANDS[command](cfg)
+            value = COMMANDS[command](cfg)
             _end_processes()
+        return value
 
     return app
 
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"moelora: unknown command '{command}'.\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     register_configs()
+    if command == "train":
+        with one_line_errors(command):
+            overrides = search_overrides(overrides)
     overrides, locked = pin_output_dir(command, overrides)
     sys.argv = [f"moelora-{command}", *overrides]
     try:
