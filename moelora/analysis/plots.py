@@ -106,6 +106,7 @@ def plot_routing(report: dict, path: Path, title: str) -> None:
                 )
     shares = groups["all"]["selection_share"]
     axes[0][-1].bar(range(len(shares)), shares)
+    axes[0][-1].set_xticks(range(len(shares)))  # whole experts, also for two
     axes[0][-1].set_xlabel("expert")
     axes[0][-1].set_title("share of selections", fontsize="medium")
     figure.colorbar(image, ax=axes[0][: len(names)].tolist(), shrink=0.8, label="mean gate weight")
