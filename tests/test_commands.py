@@ -1,5 +1,7 @@
-"""The commands as a user runs them (subprocesses): a multirun sweep, `eval` of a base model and
-of a predictions file, and the wheel carrying the configs and demo data for `pip install .`."""
+"""The commands as a user runs them: a multirun sweep and `eval` of a base model (subprocesses),
+`eval` of a predictions file (by `main` in this process: nothing to load, so the interpreter's
+start-up would be most of the test), and the wheel carrying the configs and demo data for
+`pip install .`."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY_SHAPE
-from tests.test_config import moelora
+from tests.test_config import in_process, moelora
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
 
@@ -56,7 +58,7 @@ def test_eval_scores_a_base_model(tmp_path: Path) -> None:
     assert (tmp_path / "predictions_eval.jsonl").is_file()
 
 
-def test_eval_scores_a_predictions_file(tmp_path: Path) -> None:
+def test_eval_scores_a_predictions_file(tmp_path: Path, capsys) -> None:
     gold = [json.loads(line) for line in (REPO / "data/demo/dev.jsonl").open(encoding="utf-8")]
     ner = [row for row in gold if row["task_dataset"] == "DEMO-NER"]
     preds = tmp_path / "preds.jsonl"
@@ -65,7 +67,9 @@ def test_eval_scores_a_predictions_file(tmp_path: Path) -> None:
             text = "" if row is ner[0] else row["target"]
             handle.write(json.dumps({"sample_id": row["sample_id"], "prediction": text}) + "\n")
     out = tmp_path / "out"
-    result = moelora("eval", f"predictions={preds}", "eval.scorer=both", f"hydra.run.dir={out}")
+    result = in_process(
+        capsys, "eval", f"predictions={preds}", "eval.scorer=both", f"hydra.run.dir={out}"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["score"]["scorer"], metrics["score_lenient"]["scorer"]) == (
@@ -90,7 +94,7 @@ def test_eval_scores_a_predictions_file(tmp_path: Path) -> None:
     assert per_task["DEMO-NER"] == (2 * (sum(entities) - missed)) / (2 * sum(entities) - missed)
 
 
-def test_eval_notes_and_scores_rows_with_an_empty_target(tmp_path: Path) -> None:
+def test_eval_notes_and_scores_rows_with_an_empty_target(tmp_path: Path, capsys) -> None:
     gold = [json.loads(line) for line in (REPO / "data/demo/dev.jsonl").open(encoding="utf-8")]
     blank = {
         next(r["sample_id"] for r in gold if r["task_dataset"] == t)
@@ -108,8 +112,8 @@ def test_eval_notes_and_scores_rows_with_an_empty_target(tmp_path: Path) -> None
                 json.dumps({"sample_id": row["sample_id"], "prediction": row["target"]}) + "\n"
             )
     out = tmp_path / "out"
-    result = moelora(
-        "eval", f"predictions={preds}", f"data.root={tmp_path}", f"hydra.run.dir={out}"
+    result = in_process(
+        capsys, "eval", f"predictions={preds}", f"data.root={tmp_path}", f"hydra.run.dir={out}"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
@@ -122,10 +126,10 @@ def test_eval_notes_and_scores_rows_with_an_empty_target(tmp_path: Path) -> None
     assert "Rows with an empty target" in (out / "report.md").read_text()
 
 
-def test_eval_refuses_a_prediction_for_an_unknown_sample(tmp_path: Path) -> None:
+def test_eval_refuses_a_prediction_for_an_unknown_sample(tmp_path: Path, capsys) -> None:
     preds = tmp_path / "preds.jsonl"
     preds.write_text(json.dumps({"sample_id": "nope", "prediction": "x"}) + "\n")
-    result = moelora("eval", f"predictions={preds}", f"hydra.run.dir={tmp_path / 'out'}")
+    result = in_process(capsys, "eval", f"predictions={preds}", f"hydra.run.dir={tmp_path / 'out'}")
     assert result.returncode == 2
     assert "sample_id nope, which is not in the gold set" in result.stderr
 

@@ -16,7 +16,7 @@ from moelora.errors import UserError
 from moelora.evaluate.predict import SUBMISSION_FIELDS, _registry_for
 from moelora.rundir import RunSettings
 from tests.conftest import REPO
-from tests.test_config import moelora
+from tests.test_config import in_process, moelora
 from tests.test_train import run
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m 'not slow'` skips them
@@ -88,13 +88,14 @@ def test_predict_writes_answers_and_a_submission(moelora_run: Path, tmp_path: Pa
     assert {r["target"] for r in predictions} == {""}
 
 
-def test_predict_answers_one_typed_prompt(moelora_run: Path, tmp_path: Path) -> None:
+def test_predict_answers_one_typed_prompt(moelora_run: Path, tmp_path: Path, capsys) -> None:
     first = _read_jsonl(moelora_run / "predictions_after.jsonl")[0]
     row = next(
         r for r in _read_jsonl(REPO / "data/demo/dev.jsonl") if r["sample_id"] == first["sample_id"]
     )
     typed = row["input"].replace("\n", "\\n")  # a line break typed as \n
-    done = moelora(
+    done = in_process(
+        capsys,
         "predict",
         f"run_dir={moelora_run}",
         f"input='{typed}'",
@@ -106,9 +107,10 @@ def test_predict_answers_one_typed_prompt(moelora_run: Path, tmp_path: Path) -> 
 
 
 def test_predict_refuses_an_unseen_task_for_a_task_routed_run(
-    moelora_run: Path, tmp_path: Path
+    moelora_run: Path, tmp_path: Path, capsys
 ) -> None:
-    done = moelora(
+    done = in_process(
+        capsys,
         "predict",
         f"run_dir={moelora_run}",
         "input='头痛怎么办？'",

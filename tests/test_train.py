@@ -93,26 +93,28 @@ def test_eval_command_rescores_the_run(finished_run, tmp_path) -> None:
     assert "](routing.png)" in (tmp_path / "report.md").read_text()
 
 
-def test_eval_takes_data_and_model_settings_over_the_runs(finished_run, tmp_path) -> None:
+def test_eval_takes_data_and_model_settings_over_the_runs(finished_run, tmp_path, capsys) -> None:
     """`moelora eval run_dir=... data.<key>=...` scores the run's adapter on other dev rows;
     a dev set that is not there stops before the model loads."""
-    from tests.test_config import moelora
+    from tests.test_config import in_process
 
     run_dir, _ = finished_run
     out = tmp_path / "ner"
     scoring = [f"run_dir={run_dir}", "eval.max_new_tokens=4", f"output_dir={out}"]
-    done = moelora("eval", *scoring, "data.eval_tasks=[DEMO-NER]")
+    done = in_process(capsys, "eval", *scoring, "data.eval_tasks=[DEMO-NER]")
     assert done.returncode == 0, done.stderr[-2000:]
     assert set(json.loads((out / "metrics.json").read_text())["score"]["per_task"]) == {"DEMO-NER"}
     assert len((out / "predictions_eval.jsonl").read_text().splitlines()) == 4
-    done = moelora("eval", *scoring, "data.root=/nowhere")
+    done = in_process(capsys, "eval", *scoring, "data.root=/nowhere")
     assert done.returncode == 2
     assert "data.root='/nowhere' is not a folder" in done.stderr
-    done = moelora("eval", *scoring, "model.name_or_path=/nowhere")  # the base has moved
+    done = in_process(capsys, "eval", *scoring, "model.name_or_path=/nowhere")  # the base has moved
     assert done.returncode == 2 and "/nowhere" in done.stderr
-    done = moelora("eval", *scoring, "data=demo")  # would drop the run's own data settings
+    done = in_process(
+        capsys, "eval", *scoring, "data=demo"
+    )  # would drop the run's own data settings
     assert done.returncode == 2 and "change single keys instead (data.<key>=...)" in done.stderr
-    done = moelora("eval", f"run_dir={run_dir}", f"output_dir={run_dir}")
+    done = in_process(capsys, "eval", f"run_dir={run_dir}", f"output_dir={run_dir}")
     assert done.returncode == 2 and "holds a training run" in done.stderr
     assert "Traceback" not in done.stderr
 
