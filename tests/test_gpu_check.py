@@ -16,10 +16,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from moelora.adapters import AdaptedModel, method_config
 from tests.conftest import REPO, load_script
+from tests.tiny_families import tiny_config
 
 mfu = load_script("mfu")
 shapes = load_script("bench_shapes")
@@ -28,17 +29,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def tiny_base() -> torch.nn.Module:
-    config = AutoConfig.for_model(
-        "qwen2",
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    """A tiny Qwen2 with eager attention: its attention matmuls are the ones the formula counts."""
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return AutoModelForCausalLM.from_config(tiny_config("qwen2"), attn_implementation="eager")
 
 
 def wrap(kind: str, base: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, dict]:

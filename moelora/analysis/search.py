@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from moelora.analysis.runs import RunResult
 
-RESULTS_FILE = "optimization_results.yaml"
+RESULTS_FILE = "optimization_results.yaml"  # the plugin's name; its sweeper writes it there
 
 
 def search_lines(paths: list[Path], runs: list[RunResult]) -> list[str]:

@@ -30,9 +30,9 @@ from omegaconf import OmegaConf
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-log = logging.getLogger(__name__)
+from moelora.analysis.search import RESULTS_FILE
 
-RESULTS_FILE = "optimization_results.yaml"  # the plugin's name for it; the report reads it
+log = logging.getLogger(__name__)
 
 
 class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
